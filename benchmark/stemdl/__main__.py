@@ -1,0 +1,3 @@
+from stemdl.cli import main
+
+raise SystemExit(main())

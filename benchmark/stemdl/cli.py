@@ -1,0 +1,61 @@
+"""The `stemdl` command: one subcommand per concern, each owned by its module.
+
+    stemdl synth OUT --preset tiny --seed 1     # synthetic data in the public layout
+    stemdl validate DIR                         # check every sample, summarize, list the bad ones
+    stemdl index DIR                            # build (or reuse) the cached index of a data directory
+
+Each module named in COMMANDS provides `configure(parser)` and `run(args) -> int`; it is imported only when
+its command runs, so `stemdl validate` does not pay for importing torch or pyxtal. A `StemdlError` is
+printed as one line on stderr with exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from stemdl import __version__
+from stemdl.errors import StemdlError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "synth": ("stemdl.synth.generate", "generate a synthetic data set in the public STEMDL layout"),
+    "validate": ("stemdl.data.validate", "check every sample of a data directory and summarize it"),
+    "index": ("stemdl.data.index", "build or reuse the cached sample index of a data directory"),
+    "bench": ("stemdl.bench", "measure the speed of a part of the harness (prints figures)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stemdl", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"stemdl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        # Modules configure their own parsers lazily: only the chosen one is imported (see main()).
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    # Find the command first, then let its module define the arguments, then parse for real.
+    known, _ = parser.parse_known_args(argv[:1] if argv and not argv[0].startswith("-") else argv)
+    module = importlib.import_module(known._module)
+    sub = argparse.ArgumentParser(prog=f"stemdl {known.command}", description=COMMANDS[known.command][1])
+    module.configure(sub)
+    args = sub.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except StemdlError as exc:
+        print(f"stemdl {known.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stemdl {known.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,21 @@
+"""The project's own error type.
+
+Everything a user can cause (bad data, bad config, bad arguments) raises `StemdlError` with a one-line
+message that names the file and the sample (or the config key). The CLI prints it and exits non-zero;
+anything else escaping is a bug in stemdl.
+"""
+
+
+class StemdlError(Exception):
+    """A user-facing error: one line, naming what is wrong and where."""
+
+
+class DataError(StemdlError):
+    """A data file or a sample in it is missing, unreadable or malformed."""
+
+    def __init__(self, path, reason, group=None):
+        self.path = str(path)
+        self.group = group
+        self.reason = reason
+        where = f"{self.path}:{group}" if group is not None else self.path
+        super().__init__(f"{where}: {reason}")

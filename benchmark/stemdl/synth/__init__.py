@@ -1,0 +1,1 @@
+"""Physics-based synthetic CBED data written in the public STEMDL layout."""

@@ -19,3 +19,7 @@ class DataError(StemdlError):
         self.reason = reason
         where = f"{self.path}:{group}" if group is not None else self.path
         super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self):
+        # Rebuilt from its parts when a worker process sends it back to the parent.
+        return (type(self), (self.path, self.reason, self.group))

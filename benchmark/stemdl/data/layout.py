@@ -173,38 +173,59 @@ def _int(raw, name: str) -> int:
     return int(arr.reshape(-1)[0])
 
 
-def decode_attrs(attrs, path, group) -> SampleRecord:
-    """A `SampleRecord` from a group's attributes (any mapping); `DataError` naming file:group if bad."""
+def _collect(problems: list, fn, *args):
+    """fn(*args), or None with its ValueError noted: one bad attribute must not hide the others."""
     try:
-        missing = [s.name for s in REQUIRED_ATTRS if s.name not in attrs]
-        if missing:
-            raise ValueError(f"missing attribute{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-        arrays = {s.name: _array(attrs[s.name], s) for s in REQUIRED_ATTRS + OPTIONAL_ATTRS
-                  if s.kind.endswith("_array") and s.name in attrs}
-        structure = None
-        if "structure_lattice" in attrs:
-            frac, numbers = arrays.get("structure_frac_coords"), arrays.get("structure_numbers")
-            if frac is None or numbers is None or frac.ndim != 2 or frac.shape[1] != 3 \
-                    or numbers.shape != (frac.shape[0],):
-                raise ValueError("stored structure is incomplete or inconsistent")
-            structure = Structure(arrays["structure_lattice"], frac, numbers)
-        return SampleRecord(
-            space_group=parse_label(attrs["space_group"]),
-            material=_text(attrs["material"], "material"),
-            formula=_text(attrs["formula"], "formula"),
-            energy_keV=_int(attrs["energy_keV"], "energy_keV"),
-            z_dirs=arrays["z_dirs"].reshape(3, 3).astype(np.int64),
-            y_dirs=arrays["y_dirs"].reshape(3, 3).astype(np.float64),
-            semi_angles_rad=arrays["semi_angles_rad"].astype(np.float64),
-            d_hkls_angstrom=arrays["d_hkls_angstrom"].astype(np.float64),
-            abc_angstrom=arrays["abc_angstrom"].astype(np.float64),
-            angles_degree=arrays["angles_degree"].astype(np.float64),
-            kinematic_class=_int(attrs["kinematic_class"], "kinematic_class") if "kinematic_class" in attrs else None,
-            structure=structure,
-            thickness_nm=arrays.get("thickness_nm"),
-        )
+        return fn(*args)
     except ValueError as exc:
-        raise DataError(path, str(exc), group) from None
+        problems.append(str(exc))
+        return None
+
+
+def _structure(attrs, arrays) -> Structure | None:
+    if "structure_lattice" not in attrs:
+        return None
+    lattice, frac, numbers = (arrays.get(k) for k in ("structure_lattice", "structure_frac_coords",
+                                                      "structure_numbers"))
+    if lattice is None or frac is None or numbers is None or frac.ndim != 2 or frac.shape[1] != 3 \
+            or numbers.shape != (frac.shape[0],):
+        raise ValueError("stored structure is incomplete or inconsistent")
+    return Structure(lattice, frac, numbers)
+
+
+def decode_attrs(attrs, path, group) -> SampleRecord:
+    """A `SampleRecord` from a group's attributes (any mapping).
+
+    Raises one `DataError` naming file:group and every problem found, joined with '; '.
+    """
+    problems: list[str] = []
+    missing = [s.name for s in REQUIRED_ATTRS if s.name not in attrs]
+    if missing:
+        problems.append(f"missing attribute{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    arrays = {s.name: _collect(problems, _array, attrs[s.name], s) for s in REQUIRED_ATTRS + OPTIONAL_ATTRS
+              if s.kind.endswith("_array") and s.name in attrs}
+    present = {k: v for k, v in arrays.items() if v is not None}
+    values = {
+        "space_group": _collect(problems, parse_label, attrs["space_group"]) if "space_group" in attrs else None,
+        "material": _collect(problems, _text, attrs["material"], "material") if "material" in attrs else None,
+        "formula": _collect(problems, _text, attrs["formula"], "formula") if "formula" in attrs else None,
+        "energy_keV": _collect(problems, _int, attrs["energy_keV"], "energy_keV") if "energy_keV" in attrs else None,
+        "kinematic_class": _collect(problems, _int, attrs["kinematic_class"], "kinematic_class")
+        if "kinematic_class" in attrs else None,
+        "structure": _collect(problems, _structure, attrs, present),
+    }
+    if problems:
+        raise DataError(path, "; ".join(problems), group)
+    return SampleRecord(
+        z_dirs=arrays["z_dirs"].reshape(3, 3).astype(np.int64),
+        y_dirs=arrays["y_dirs"].reshape(3, 3).astype(np.float64),
+        semi_angles_rad=arrays["semi_angles_rad"].astype(np.float64),
+        d_hkls_angstrom=arrays["d_hkls_angstrom"].astype(np.float64),
+        abc_angstrom=arrays["abc_angstrom"].astype(np.float64),
+        angles_degree=arrays["angles_degree"].astype(np.float64),
+        thickness_nm=arrays.get("thickness_nm"),
+        **values,
+    )
 
 
 def write_sample(h5, name: str, stack: np.ndarray, rec: SampleRecord) -> None:

@@ -1,0 +1,34 @@
+"""Shared test fixtures: the real-layout fixture files and writable copies of them."""
+
+from pathlib import Path
+
+import h5py
+import pytest
+
+FIXTURE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "stemdl_layout"
+
+
+@pytest.fixture
+def fixture_dir() -> Path:
+    """The read-only fixture folder (batch_train_0.h5: 2 samples, batch_dev_0.h5: 1 sample)."""
+    if not FIXTURE_DIR.is_dir():
+        pytest.skip(f"fixture folder {FIXTURE_DIR} is absent (CI clones shared/ beside the repository)")
+    return FIXTURE_DIR
+
+
+@pytest.fixture
+def copy_fixture(fixture_dir):
+    """copy_fixture(dest, flat=False) -> dest: writable copies of the fixture files, in train/ and dev/
+    folders like the real set (or flat), rewritten group by group with h5py so tests can damage them."""
+
+    def copy(dest: Path, flat: bool = False) -> Path:
+        for src in sorted(fixture_dir.glob("batch_*.h5")):
+            split = src.name.split("_")[1]
+            out = dest / src.name if flat else dest / split / src.name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with h5py.File(src, "r") as h_in, h5py.File(out, "w") as h_out:
+                for name in h_in:
+                    h_in.copy(h_in[name], h_out, name=name)
+        return dest
+
+    return copy

@@ -1,0 +1,164 @@
+"""The sample index: built once, reused, rescanning only changed files, saved where it can be."""
+
+import os
+import re
+
+import h5py
+import numpy as np
+import pytest
+
+from stemdl.cli import main
+from stemdl.data import index as index_mod
+from stemdl.data.index import INDEX_NAME, DataIndex, cache_path, load_or_build
+from stemdl.errors import DataError
+
+TRAIN, DEV = "train/batch_train_0.h5", "dev/batch_dev_0.h5"
+
+
+@pytest.fixture
+def data(tmp_path, copy_fixture):
+    return copy_fixture(tmp_path / "data")
+
+
+@pytest.fixture
+def scans(monkeypatch):
+    """The files each in-process scan opened (use workers=1 so scans run in this process)."""
+    opened = []
+    real = index_mod._scan_file
+
+    def counting(path):
+        opened.append(os.path.relpath(path, os.path.dirname(os.path.dirname(path))))
+        return real(path)
+
+    monkeypatch.setattr(index_mod, "_scan_file", counting)
+    return opened
+
+
+def _build(root, **kw):
+    return load_or_build(root, workers=1, quiet=True, **kw)
+
+
+def test_build_then_reuse(data, scans):
+    idx = _build(data)
+    assert (idx.status, idx.rescanned, idx.path) == ("built", 2, data.resolve() / INDEX_NAME)
+    assert idx.files == [TRAIN, DEV] and len(idx) == 3
+    assert [idx.entry(i) for i in range(3)] == [
+        (TRAIN, "sample_0_0", "train", 196, (3, 512, 512), -1),
+        (TRAIN, "sample_1_0", "train", 63, (3, 512, 512), -1),
+        (DEV, "sample_0_0", "dev", 71, (3, 512, 512), -1)]
+    assert idx.file_path(2) == data.resolve() / DEV and idx.group_name(1) == "sample_1_0"
+    assert idx.select("train").tolist() == [0, 1] and idx.select("test").tolist() == []
+    assert np.flatnonzero(idx.class_counts("train")).tolist() == [63, 196]
+    again = _build(data)
+    assert (again.status, again.rescanned, again.path) == ("reused", 0, idx.path)
+    assert scans == [TRAIN, DEV], "the second call scanned nothing"
+    _assert_same(idx, again)
+
+
+def test_changed_added_and_removed_files_are_the_only_ones_rescanned(data, scans):
+    _build(data)
+    st = (data / TRAIN).stat()
+    os.utime(data / TRAIN, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    idx = _build(data)
+    assert (idx.status, idx.rescanned, scans[2:]) == ("updated", 1, [TRAIN])
+    with h5py.File(data / DEV, "r+") as h5:  # a new sample in the dev file
+        h5.copy(h5["sample_0_0"], h5, name="sample_1_0")
+        h5["sample_1_0"].attrs["space_group"] = np.bytes_(b"12")
+    (data / "test").mkdir()
+    with h5py.File(data / "test" / "batch_test_0.h5", "w") as h5, h5py.File(data / DEV, "r") as src:
+        src.copy(src["sample_0_0"], h5, name="sample_0_0")
+    idx = _build(data)
+    assert (idx.status, idx.rescanned, scans[3:]) == ("updated", 2, [DEV, "test/batch_test_0.h5"])
+    assert idx.label.tolist() == [196, 63, 71, 12, 71] and idx.split.tolist() == [0, 0, 1, 1, 2]
+    (data / TRAIN).unlink()
+    idx = _build(data)
+    assert (idx.status, idx.rescanned, len(scans)) == ("updated", 0, 5)
+    assert idx.files == [DEV, "test/batch_test_0.h5"] and idx.label.tolist() == [71, 12, 71]
+    assert _build(data).status == "reused"
+
+
+def test_rebuild_and_damaged_index_file_scan_everything(data, scans):
+    _build(data)
+    assert _build(data, rebuild=True).rescanned == 2
+    (data / INDEX_NAME).write_bytes(b"garbage")
+    assert _build(data).status == "built"
+    assert len(scans) == 6
+
+
+def test_explicit_cache_dir(data, tmp_path):
+    idx = _build(data, cache_dir=tmp_path / "cache")
+    assert idx.path == cache_path(data, tmp_path / "cache") and idx.path.is_file()
+    assert idx.path.parent == tmp_path / "cache" and not (data / INDEX_NAME).exists()
+    assert _build(data, cache_dir=tmp_path / "cache").status == "reused"
+
+
+def test_unwritable_data_dir_falls_back_to_stemdl_cache(data, tmp_path, monkeypatch, scans):
+    monkeypatch.setenv("STEMDL_CACHE", str(tmp_path / "cache"))
+    first = _build(data)  # saved beside the data while it is writable: later calls may use it as a base
+    real_save = DataIndex.save
+
+    def save(self, path):
+        if path.parent == data.resolve():  # root ignores permission bits, so refuse like a read-only mount
+            raise PermissionError(13, "Permission denied")
+        real_save(self, path)
+
+    monkeypatch.setattr(DataIndex, "save", save)
+    os.utime(data / DEV, ns=(0, 10**18))
+    idx = _build(data)
+    assert idx.path == cache_path(data, tmp_path / "cache" / "index")
+    assert (idx.status, idx.rescanned, scans[2:]) == ("updated", 1, [DEV])
+    again = _build(data)
+    assert (again.status, again.path) == ("reused", idx.path), "the fresher cached index wins"
+
+
+def test_read_only_data_dir_really_falls_back(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("STEMDL_CACHE", str(tmp_path / "cache"))
+    os.chmod(data, 0o555)
+    try:
+        probe = data / "probe"
+        try:
+            probe.write_bytes(b"")
+        except PermissionError:
+            pass
+        else:
+            probe.unlink()
+            pytest.skip("running as root: permission bits do not stop writes here")
+        idx = _build(data)
+        assert idx.path == cache_path(data, tmp_path / "cache" / "index") and idx.path.is_file()
+    finally:
+        os.chmod(data, 0o755)
+
+
+def test_one_or_two_workers_give_the_same_index(data, tmp_path):
+    one = load_or_build(data, workers=1, cache_dir=tmp_path / "a", quiet=True)
+    two = load_or_build(data, workers=2, cache_dir=tmp_path / "b", quiet=True)
+    _assert_same(one, two)
+    assert (tmp_path / "a" / one.path.name).read_bytes() == (tmp_path / "b" / two.path.name).read_bytes()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bad_sample_stops_indexing_naming_file_and_group(data, workers):
+    with h5py.File(data / DEV, "r+") as h5:
+        h5["sample_0_0"].attrs["space_group"] = np.bytes_(b"0")
+    where = re.escape(f"{data.resolve() / DEV}:sample_0_0")
+    with pytest.raises(DataError, match=f"^{where}: space_group 0 is outside 1..230$"):
+        load_or_build(data, workers=workers, quiet=True)
+    assert not (data / INDEX_NAME).exists()
+
+
+def test_index_command(data, capsys):
+    assert main(["index", str(data), "--workers", "1", "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"index: {data.resolve() / INDEX_NAME} (built, 2 files scanned)",
+        "train: 2 samples, 2 classes", "dev: 1 samples, 1 classes", "all: 3 samples in 2 files, 3 classes"]
+    assert main(["index", str(data), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(f"index: {data.resolve() / INDEX_NAME} (reused, no file rescanned)")
+    (data / TRAIN).write_bytes(b"junk")
+    assert main(["index", str(data), "--quiet"]) == 2
+    assert "batch_train_0.h5: not a readable HDF5 file (file signature not found)" in capsys.readouterr().err
+
+
+def _assert_same(a: DataIndex, b: DataIndex):
+    assert a.files == b.files
+    for name in ("file_size", "file_mtime_ns", "file_start", "group", "label", "shape", "kinematic_class"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)

@@ -1,0 +1,170 @@
+"""The generator end to end: layout, labels, reproducibility across worker counts, resume, refusals."""
+
+import argparse
+import hashlib
+import json
+
+import h5py
+import numpy as np
+import pytest
+import spglib
+
+from stemdl.cli import main
+from stemdl.data import layout
+from stemdl.errors import StemdlError
+from stemdl.synth import diffclass, generate
+
+
+def tiny_config(**overrides) -> generate.SynthConfig:
+    ns = argparse.Namespace(preset="tiny", seed=7, distribution=None, samples_per_file=None, image_size=None,
+                            space_groups=None, samples=None, no_noise=False, distinguishable=False)
+    for key, value in overrides.items():
+        setattr(ns, key, value)
+    return generate.resolve_config(ns)
+
+
+def digests(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*.h5"))}
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "tiny"
+    assert main(["synth", str(out), "--preset", "tiny", "--seed", "7", "--workers", "1", "--quiet"]) == 0
+    return out
+
+
+def test_tiny_set_has_the_public_layout(tiny_set):
+    cfg = tiny_config()
+    files = sorted(p.relative_to(tiny_set).as_posix() for p in tiny_set.rglob("*.h5"))
+    assert files == ["dev/batch_dev_0.h5", "test/batch_test_0.h5",
+                     "train/batch_train_0.h5", "train/batch_train_1.h5"]
+    with h5py.File(tiny_set / "train" / "batch_train_0.h5", "r") as h5:
+        group = h5["sample_0_0"]
+        stack = group[layout.DATASET]
+        assert stack.dtype == np.float32 and stack.shape == (3, cfg.image_size, cfg.image_size)
+        assert stack.chunks is None and stack.compression is None
+        assert isinstance(group.attrs["space_group"], np.bytes_) and isinstance(group.attrs["formula"], str)
+        images = stack[()]
+    assert np.all(np.isfinite(images)) and images.min() >= 0
+    np.testing.assert_allclose(images.sum(axis=(1, 2)), 1.0, rtol=1e-3)
+    manifest = json.loads((tiny_set / generate.MANIFEST).read_text())
+    assert manifest["status"] == "complete" and len(manifest["files"]) == 4
+
+
+def test_tiny_set_passes_validate(tiny_set, capsys):
+    assert main(["validate", str(tiny_set)]) == 0
+
+
+def test_labels_follow_the_plan_and_structures_audit(tiny_set):
+    cfg = tiny_config()
+    for split in layout.SPLITS:
+        expected = generate.split_labels(cfg, split)
+        got = []
+        for path in sorted((tiny_set / split).glob("*.h5"), key=lambda p: int(p.stem.split("_")[-1])):
+            with h5py.File(path, "r") as h5:
+                for name in sorted(h5, key=lambda n: int(n.split("_")[1])):
+                    rec = layout.decode_attrs(h5[name].attrs, path, name)
+                    got.append(rec.space_group)
+                    # The stored structure re-analysed by spglib gives the stored label, at both tolerances.
+                    for symprec in (1e-3, 0.1):
+                        assert spglib.get_symmetry_dataset(rec.structure.spglib_cell(),
+                                                           symprec=symprec).number == rec.space_group
+                    assert rec.kinematic_class == diffclass.diffraction_class(rec.space_group)
+                    assert rec.z_dirs.shape == (3, 3) and np.all(np.abs(rec.z_dirs) <= 2)
+                    assert np.all((rec.semi_angles_rad >= 1e-3 - 1e-12) & (rec.semi_angles_rad <= 4e-3 + 1e-12))
+        assert got == list(expected)
+
+
+def test_same_seed_same_bytes_whatever_the_worker_count(tmp_path, tiny_set):
+    out = tmp_path / "two_workers"
+    assert main(["synth", str(out), "--preset", "tiny", "--seed", "7", "--workers", "2", "--quiet"]) == 0
+    assert digests(out) == digests(tiny_set)
+
+
+def test_other_seed_other_data(tmp_path, tiny_set):
+    cfg = tiny_config(seed=8, samples=4)
+    generate.generate(tmp_path / "s8", cfg, quiet=True)
+    with h5py.File(tmp_path / "s8" / "train" / "batch_train_0.h5", "r") as a, \
+            h5py.File(tiny_set / "train" / "batch_train_0.h5", "r") as b:
+        assert not np.array_equal(a["sample_0_0/cbed_stack"][()], b["sample_0_0/cbed_stack"][()])
+
+
+def test_interrupted_run_resumes_without_redoing_finished_files(tmp_path, monkeypatch, tiny_set):
+    out = tmp_path / "resumed"
+    cfg = tiny_config()
+    real_task = generate._task
+    calls = {"n": 0}
+
+    def dying_task(args):
+        calls["n"] += 1
+        if calls["n"] > 6:  # after the first file (4 samples) and part of the second
+            raise KeyboardInterrupt
+        return real_task(args)
+
+    monkeypatch.setattr(generate, "_task", dying_task)
+    with pytest.raises(KeyboardInterrupt):
+        generate.generate(out, cfg, quiet=True)
+    finished = sorted(p.name for p in out.rglob("*.h5"))
+    assert finished == ["batch_train_0.h5"]
+    assert not list(out.rglob("*.partial")), "no partial file is left behind"
+    assert json.loads((out / generate.MANIFEST).read_text())["status"] == "incomplete"
+    first = out / "train" / "batch_train_0.h5"
+    mtime = first.stat().st_mtime_ns
+
+    monkeypatch.setattr(generate, "_task", real_task)
+    calls["n"] = 0
+    counting = lambda args: (calls.__setitem__("n", calls["n"] + 1), real_task(args))[1]  # noqa: E731
+    monkeypatch.setattr(generate, "_task", counting)
+    generate.generate(out, cfg, quiet=True)
+    assert calls["n"] == 12, "only the 12 samples of the unfinished files are computed again"
+    assert first.stat().st_mtime_ns == mtime
+    assert digests(out) == digests(tiny_set)
+
+
+def test_complete_set_is_reused(tiny_set, capsys):
+    before = digests(tiny_set)
+    assert main(["synth", str(tiny_set), "--preset", "tiny", "--seed", "7", "--quiet"]) == 0
+    assert digests(tiny_set) == before
+
+
+def test_refuses_foreign_folder_and_other_settings(tmp_path, tiny_set, capsys):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("precious")
+    assert main(["synth", str(foreign), "--preset", "tiny", "--quiet"]) == 2
+    assert "not a stemdl synthetic data set" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "precious"
+    assert main(["synth", str(tiny_set), "--preset", "tiny", "--seed", "8", "--quiet"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_real_distribution_and_space_group_parsing():
+    assert generate.parse_space_groups("1-3,14") == (1, 2, 3, 14)
+    assert len(generate.parse_space_groups("real")) == 200
+    assert len(generate.parse_space_groups("all")) == 230
+    for bad in ("0", "231", "x", "3-"):
+        with pytest.raises(StemdlError):
+            generate.parse_space_groups(bad)
+    assert list(generate.apportion(10, [1, 1, 1])) == [4, 3, 3]
+    cfg = tiny_config(space_groups="14,225,62", distribution="real", samples=3000)
+    train = generate.split_labels(cfg, "train")
+    counts = {g: int((train == g).sum()) for g in (14, 225, 62)}
+    real = generate.real_class_counts()
+    total = sum(real[g]["total"] for g in counts)
+    for g, n in counts.items():
+        assert abs(n - len(train) * real[g]["total"] / total) <= 1
+    assert list(train) == sorted(train), "like the public files, samples are ordered by label"
+    with pytest.raises(StemdlError, match="do not occur"):
+        tiny_config(space_groups="16,228", distribution="real")
+
+
+def test_distinguishable_keeps_one_group_per_diffraction_class():
+    cfg = tiny_config(space_groups="1,2,33,62,14", distinguishable=True)
+    assert cfg.space_groups == (2, 14, 62)
+    default = generate.resolve_config(argparse.Namespace(
+        preset="default", seed=None, distribution=None, samples_per_file=None, image_size=None,
+        space_groups=None, samples=None, no_noise=False, distinguishable=False))
+    assert diffclass.distinguishable(default.space_groups)
+    assert default.distribution == "real"

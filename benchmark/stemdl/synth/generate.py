@@ -59,8 +59,7 @@ class SynthConfig:
     energies_keV: tuple = (100, 120, 160, 200)
     thickness_nm: tuple = (20.0, 80.0)
     dose: float | None = 1.0e6  # electrons per pattern (Poisson noise); None: noiseless
-    mistilt_mrad: float = 0.5  # standard deviation of the beam tilt off the zone axis
-    rotate: bool = True  # random in-plane rotation of each pattern
+    mistilt_mrad: float = 1.0  # largest beam tilt off the zone axis (uniform in a disc)
     detector_mrad: float = 50.0  # scattering angle at the image edge (half-width)
     debye_waller: tuple = (0.3, 1.0)  # B in angstrom^2, drawn per material
 
@@ -93,8 +92,8 @@ def parse_space_groups(spec) -> tuple[int, ...]:
     else:
         groups = []
         for part in str(spec).replace(" ", "").split(","):
-            lo, _, hi = part.partition("-")
-            if not lo.isdigit() or (hi and not hi.isdigit()):
+            lo, dash, hi = part.partition("-")
+            if not lo.isdigit() or (dash and not hi.isdigit()):
                 raise StemdlError(f"--space-groups: cannot read {part!r} (use e.g. '1-10,14,62', 'real' or 'all')")
             groups.extend(range(int(lo), int(hi or lo) + 1))
     bad = [g for g in groups if not 1 <= g <= layout.N_SPACE_GROUPS]
@@ -230,19 +229,15 @@ def make_sample(cfg: SynthConfig, split: str, index: int, label: int):
     b_factor = float(rng.uniform(*cfg.debye_waller))
     images, y_dirs, alphas, d_hkls, thickness = [], [], [], [], []
     for axis in axes:
-        alpha, d_hkl = cbed.semi_angle(crystal.structure, axis, energy)
-        spec = cbed.PatternSpec(
-            zone_axis=tuple(int(v) for v in axis), energy_keV=energy, semi_angle_rad=alpha,
-            thickness_nm=float(rng.uniform(*cfg.thickness_nm)),
-            rotation_rad=float(rng.uniform(0.0, 2.0 * np.pi)) if cfg.rotate else 0.0,
-            mistilt_rad=tuple(float(v) for v in rng.normal(0.0, cfg.mistilt_mrad * 1e-3, size=2)),
-            size=cfg.image_size, max_angle_rad=cfg.detector_mrad * 1e-3, dose=cfg.dose,
-            debye_waller=b_factor)
+        spec = cbed.random_spec(crystal.structure, axis, energy, rng, debye_waller=b_factor,
+                                size=cfg.image_size, max_angle_rad=cfg.detector_mrad * 1e-3,
+                                thickness_nm=cfg.thickness_nm, max_mistilt_rad=cfg.mistilt_mrad * 1e-3,
+                                dose=cfg.dose)
         image, y_dir = cbed.render(crystal.structure, spec, rng)
         images.append(image)
         y_dirs.append(y_dir)
-        alphas.append(alpha)
-        d_hkls.append(d_hkl)
+        alphas.append(spec.semi_angle_rad)
+        d_hkls.append(cbed.semi_angle(crystal.structure, axis, energy)[1])
         thickness.append(spec.thickness_nm)
     record = layout.SampleRecord(
         space_group=crystal.space_group, material=f"syn-{cfg.seed}-{split}-{index}", formula=crystal.formula,

@@ -243,41 +243,24 @@ def _upper_bound_table(structure, B: float, g_max: float, n: int = 512):
     return g[1] - g[0], (f @ counts) * np.exp(-B * s2)
 
 
-def reflections(
-    structure,
-    spec: PatternSpec,
-    min_intensity: float = MIN_INTENSITY,
-    max_reflections: int = MAX_REFLECTIONS,
-    max_scatter_rad: float = MAX_SCATTER_RAD,
-    frame: ZoneFrame | None = None,
-) -> Reflections:
-    """The reflections of the pattern `spec` (see the module docstring for the selection rule)."""
-    if frame is None:
-        frame = zone_frame(structure, spec.zone_axis, spec.rotation_rad)
-    lam = wavelength_angstrom(spec.energy_keV)
-    kappa = lam * gamma_factor(spec.energy_keV) / (np.pi * cell_volume(structure.lattice))  # 1/xi = kappa |F|
-    t = 10.0 * float(spec.thickness_nm)
-    alpha = float(spec.semi_angle_rad)
-    pix = 2.0 * spec.max_angle_rad / spec.size
-    mis = np.asarray(spec.mistilt_rad, dtype=float).reshape(2)
-    # in a disc, s(delta) = s_c - delta . g_perp with |delta| <= alpha + pix (edge pixels), and s_c differs from
-    # its untilted value by at most |m| |g_perp|: beta bounds both per unit |g_perp|
-    beta = alpha + pix + float(np.linalg.norm(mis))
-    half = spec.max_angle_rad + alpha + pix  # a disc centre beyond this (in x or y) misses the image
-    g_det = math.sqrt(2.0) * half / lam
-    g_holz = max(g_det, max_scatter_rad / lam)
-    z_len = frame.z_len
-    # (beyond the table's end the last value is used, still an upper bound as F_ub decreases)
-    dg, f_ub = _upper_bound_table(structure, spec.debye_waller, g_holz + 2.0)
-    sqrt_thr = math.sqrt(min_intensity)
-    pi_t2 = (np.pi * t) ** 2
+def _bound_lookup(structure, debye_waller: float, g_max: float):
+    """|g| -> an upper bound of |F_g| (beyond the table's end the last value is used, still an upper
+    bound as the bound decreases with |g|)."""
+    dg, f_ub = _upper_bound_table(structure, debye_waller, g_max)
 
     def fub(gabs):
         return f_ub[np.minimum((np.asarray(gabs) / dg).astype(np.int64), len(f_ub) - 1)]
 
+    return fub
+
+
+def _layer_candidates(frame, lam, kappa, beta, g_holz, fub, sqrt_thr):
+    """Lattice points (i, j, n) of every Laue layer n whose reflections may reach the threshold
+    intensity sqrt_thr**2 somewhere in their disc (beta bounds the tilt per unit |g_perp|)."""
+
     def annulus(n):
         """Projected radii [r_in, r_out] of layer n where a reflection may reach min_intensity, or None."""
-        gz = n / z_len
+        gz = n / frame.z_len
         u = gz - 0.5 * lam * gz * gz
         r_max = g_holz
         r_in = 0.0
@@ -306,9 +289,36 @@ def reflections(
             jj.append(j)
             nn.append(np.full(len(i), n, dtype=np.int64))
             n += direction
-    i = np.concatenate(ii)
-    j = np.concatenate(jj)
-    n = np.concatenate(nn)
+    return np.concatenate(ii), np.concatenate(jj), np.concatenate(nn)
+
+
+def reflections(
+    structure,
+    spec: PatternSpec,
+    min_intensity: float = MIN_INTENSITY,
+    max_reflections: int = MAX_REFLECTIONS,
+    max_scatter_rad: float = MAX_SCATTER_RAD,
+    frame: ZoneFrame | None = None,
+) -> Reflections:
+    """The reflections of the pattern `spec` (see the module docstring for the selection rule)."""
+    if frame is None:
+        frame = zone_frame(structure, spec.zone_axis, spec.rotation_rad)
+    lam = wavelength_angstrom(spec.energy_keV)
+    kappa = lam * gamma_factor(spec.energy_keV) / (np.pi * cell_volume(structure.lattice))  # 1/xi = kappa |F|
+    t = 10.0 * float(spec.thickness_nm)
+    alpha = float(spec.semi_angle_rad)
+    pix = 2.0 * spec.max_angle_rad / spec.size
+    mis = np.asarray(spec.mistilt_rad, dtype=float).reshape(2)
+    # in a disc, s(delta) = s_c - delta . g_perp with |delta| <= alpha + pix (edge pixels), and s_c differs from
+    # its untilted value by at most |m| |g_perp|: beta bounds both per unit |g_perp|
+    beta = alpha + pix + float(np.linalg.norm(mis))
+    half = spec.max_angle_rad + alpha + pix  # a disc centre beyond this (in x or y) misses the image
+    g_det = math.sqrt(2.0) * half / lam
+    g_holz = max(g_det, max_scatter_rad / lam)
+    z_len = frame.z_len
+    fub = _bound_lookup(structure, spec.debye_waller, g_holz + 2.0)
+    pi_t2 = (np.pi * t) ** 2
+    i, j, n = _layer_candidates(frame, lam, kappa, beta, g_holz, fub, math.sqrt(min_intensity))
     keep = (i != 0) | (j != 0) | (n != 0)
     i, j, n = i[keep], j[keep], n[keep]
     p = i[:, None] * frame.p_basis[0] + j[:, None] * frame.p_basis[1] + n[:, None] * frame.p_basis[2]

@@ -60,6 +60,7 @@ class SynthConfig:
     thickness_nm: tuple = (20.0, 80.0)
     dose: float | None = 1.0e6  # electrons per pattern (Poisson noise); None: noiseless
     mistilt_mrad: float = 1.0  # largest beam tilt off the zone axis (uniform in a disc)
+    rotate: bool = True  # random in-plane rotation of each pattern (False: y_dirs from the lattice)
     detector_mrad: float = 50.0  # scattering angle at the image edge (half-width)
     debye_waller: tuple = (0.3, 1.0)  # B in angstrom^2, drawn per material
 
@@ -233,6 +234,8 @@ def make_sample(cfg: SynthConfig, split: str, index: int, label: int):
                                 size=cfg.image_size, max_angle_rad=cfg.detector_mrad * 1e-3,
                                 thickness_nm=cfg.thickness_nm, max_mistilt_rad=cfg.mistilt_mrad * 1e-3,
                                 dose=cfg.dose)
+        if not cfg.rotate:
+            spec = dataclasses.replace(spec, rotation_rad=0.0)
         image, y_dir = cbed.render(crystal.structure, spec, rng)
         images.append(image)
         y_dirs.append(y_dir)

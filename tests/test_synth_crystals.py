@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
+from importlib import resources
 import json
 import re
 from collections import Counter
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,11 +163,7 @@ def test_atom_count_does_not_depend_on_the_group():
 
 
 def test_palette_has_electron_scattering_factors():
-    spec = importlib.util.find_spec("pymatgen")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("pymatgen not installed")
-    package = Path(list(spec.submodule_search_locations)[0])
-    table = package / "analysis" / "diffraction" / "atomic_scattering_params.json"
+    table = resources.files("pymatgen.analysis.diffraction").joinpath("atomic_scattering_params.json")
     keys = set(json.loads(table.read_text()))
     assert set(ELEMENTS) <= keys, sorted(set(ELEMENTS) - keys)
     assert len(set(ELEMENTS)) == len(ELEMENTS)

@@ -189,7 +189,6 @@ def _enumerate_layer(frame: ZoneFrame, n: int, r_in: float, r_out: float):
     c = n * p3
     pinv = np.linalg.inv(np.stack([p1, p2]))  # [i j] = (p - c) @ pinv
     i_c = -c @ pinv[:, 0]
-    j_c = -c @ pinv[:, 1]
     hi = r_out * np.linalg.norm(pinv[:, 0])
     i = np.arange(math.floor(i_c - hi), math.ceil(i_c + hi) + 1)
     # per i, the j with |a + j p2| <= r_out, a = c + i p1, minus those with |a + j p2| < r_in

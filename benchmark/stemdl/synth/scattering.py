@@ -8,7 +8,7 @@ Electron scattering factors
 with the four-Gaussian fits of Doyle & Turner (1968, Acta Cryst. A24, 390; as tabulated in International
 Tables for Crystallography Vol. C, Table 4.3.2.2, fitted for 0 ≤ s ≤ 2 Å⁻¹), for H..Cf (Z = 1..98). The
 numbers are read from the copy pymatgen ships as `pymatgen/analysis/diffraction/atomic_scattering_params.json`
-(pyxtal depends on pymatgen). pymatgen uses the same table, through the Mott–Bethe formula, to get X-ray
+(a declared dependency; pyxtal needs it too). pymatgen uses the same table, through the Mott–Bethe formula, to get X-ray
 factors f_x(s) = Z − 8π²a₀ s² f_e(s) (8π²a₀ = 41.78214 Å, a₀ the Bohr radius: the Mott–Bethe formula);
 that only works if the table is f_e in Å, which it is: the sums Σa_i = f_e(0) are Si 5.82 Å, O 1.98 Å,
 C 2.51 Å, Au 10.56 Å (Doyle–Turner / Kirkland give Si ≈ 5.8, O ≈ 2.0), and f_x(Si, s = 0.26) = 8.70,
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from importlib import resources
 
 import numpy as np
 
@@ -62,15 +63,7 @@ def gamma_factor(energy_keV: float) -> float:
 @lru_cache(maxsize=1)
 def _param_table() -> np.ndarray:
     """(Z_MAX + 1, 4, 2) array of Doyle–Turner (a_i [Å], b_i [Å²]); row 0 unused. Loaded once."""
-    raw = None
-    try:
-        from importlib import resources
-
-        raw = resources.files("pymatgen.analysis.diffraction").joinpath(_PARAMS_FILE).read_text()
-    except Exception:  # pragma: no cover - pymatgen always comes with pyxtal, pyxtal's copy as a fallback
-        from importlib import resources
-
-        raw = resources.files("pyxtal").joinpath("database", _PARAMS_FILE).read_text()
+    raw = resources.files("pymatgen.analysis.diffraction").joinpath(_PARAMS_FILE).read_text()
     data = json.loads(raw)
     table = np.zeros((Z_MAX + 1, 4, 2))
     for z, sym in enumerate(ELEMENTS, start=1):

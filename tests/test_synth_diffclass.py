@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -84,15 +83,15 @@ def test_errors():
         class_members(123)
 
 
-def test_map_is_cached_and_fast():
+def test_map_is_computed_once():
+    # Speed belongs in benchmarks; what matters here is that lookups reuse one computed table.
     diffclass._class_table.cache_clear()
-    start = time.perf_counter()
-    all_classes()
-    assert time.perf_counter() - start < 3.0
-    start = time.perf_counter()
+    first = all_classes()
     for sg in range(1, 231):
         diffraction_class(sg)
-    assert time.perf_counter() - start < 0.05
+    info = diffclass._class_table.cache_info()
+    assert info.misses == 1 and info.hits >= 230
+    assert all_classes() == first
 
 
 def _ops(symbols):

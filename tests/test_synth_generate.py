@@ -167,8 +167,24 @@ def test_distinguishable_keeps_one_group_per_diffraction_class():
         space_groups=None, samples=None, no_noise=False, distinguishable=False))
     assert diffclass.distinguishable(default.space_groups)
     assert default.distribution == "real"
-    # As its description says: the 10 most frequent groups once one is kept per diffraction class.
+    # As its description says: the most frequent group of each crystal system in the public data.
     counts = generate.real_class_counts()
-    kept = generate.one_per_class(generate.parse_space_groups("real"))
-    top10 = sorted(kept, key=lambda g: -counts[g]["total"])[:10]
-    assert sorted(default.space_groups) == sorted(top10)
+    systems = [(1, 2), (3, 15), (16, 74), (75, 142), (143, 167), (168, 194), (195, 230)]
+    most_frequent = [max(range(lo, hi + 1), key=lambda g: counts[g]["total"]) for lo, hi in systems]
+    assert sorted(default.space_groups) == most_frequent
+
+
+def test_without_rotation_the_image_frame_follows_the_lattice(tmp_path):
+    cfg = tiny_config(samples=3, rotate=False)
+    generate.generate(tmp_path / "norot", cfg, quiet=True)
+    with h5py.File(tmp_path / "norot" / "train" / "batch_train_0.h5", "r") as h5:
+        rec = layout.decode_attrs(h5["sample_0_0"].attrs, "f", "sample_0_0")
+    lattice = rec.structure.lattice
+    for uvw, y_dir in zip(rec.z_dirs, rec.y_dirs):
+        z = uvw @ lattice
+        z = z / np.linalg.norm(z)
+        assert abs(y_dir @ z) < 1e-9 and abs(np.linalg.norm(y_dir) - 1) < 1e-9
+        # "up" is the in-plane part of a lattice vector, not a random direction
+        in_plane = [v - (v @ z) * z for v in lattice]
+        assert any(np.linalg.norm(np.cross(y_dir, w)) < 1e-9 * np.linalg.norm(w) for w in in_plane
+                   if np.linalg.norm(w) > 1e-6)

@@ -139,6 +139,8 @@ def resolve_config(args: argparse.Namespace) -> SynthConfig:
         values["samples"] = split_sizes(args.samples, values["samples"])
     if args.no_noise:
         values["dose"] = None
+    if getattr(args, "rotate", None) is not None:
+        values["rotate"] = args.rotate
     groups = parse_space_groups(values["space_groups"])
     if args.distinguishable:
         groups = one_per_class(groups)
@@ -392,6 +394,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples-per-file", type=int)
     parser.add_argument("--image-size", type=int, help="pattern size in pixels (public set: 512)")
     parser.add_argument("--no-noise", action="store_true", help="no Poisson dose noise")
+    parser.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                        help="random in-plane rotation of each pattern (default: the preset's)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="worker processes (default: %(default)s); the output does not depend on it")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")

@@ -3,6 +3,10 @@
 import argparse
 import hashlib
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import h5py
 import numpy as np
@@ -188,3 +192,20 @@ def test_without_rotation_the_image_frame_follows_the_lattice(tmp_path):
         in_plane = [v - (v @ z) * z for v in lattice]
         assert any(np.linalg.norm(np.cross(y_dir, w)) < 1e-9 * np.linalg.norm(w) for w in in_plane
                    if np.linalg.norm(w) > 1e-6)
+
+
+def test_sigterm_stops_workers_and_leaves_no_partial_file(tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "stemdl", "synth", str(out), "--preset", "tiny",
+                             "--samples", "400", "--workers", "2", "--quiet"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.rglob("batch_*.h5")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, "still running when a scheduler would stop it"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "interrupted" in err
+    assert not list(out.rglob("*.partial"))
+    assert json.loads((out / generate.MANIFEST).read_text())["status"] == "incomplete"

@@ -25,6 +25,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -254,12 +255,15 @@ def make_sample(cfg: SynthConfig, split: str, index: int, label: int):
     return np.stack(images).astype(np.float32), record
 
 
-def _worker_init() -> None:
+def _worker_init(in_pool: bool = True) -> None:
     # One BLAS thread per worker: the parallelism is across samples, and oversubscribing 2 cores hurts.
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)
     warnings.filterwarnings("ignore")
+    if in_pool:  # signals are the parent's to handle: it stops the pool and cleans up, quietly
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pool.terminate() must just end a worker
 
 
 def _task(args):
@@ -356,7 +360,7 @@ def _write_files(out, todo, tasks, manifest, workers, quiet) -> None:
         pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init)
         results = pool.imap(_task, tasks, chunksize=1)
     else:
-        _worker_init()
+        _worker_init(in_pool=False)
         results = map(_task, tasks)
     try:
         with Progress(len(tasks), what="samples", label="synth", quiet=quiet) as bar:
@@ -401,7 +405,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
+def _stop(signum, frame):
+    # A scheduler's SIGTERM ends the run like Ctrl-C: the pool stops and no partial file is left.
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _stop)
     cfg = resolve_config(args)
     if not args.quiet:
         print(f"stemdl synth {args.out}: preset {cfg.preset}, seed {cfg.seed}, "

@@ -1,5 +1,7 @@
 """The `stemdl` command: one subcommand per concern, each owned by its module.
 
+    stemdl run [--config default|smoke|reference]  # the timed benchmark (mpiexec/srun/jsrun for many ranks)
+    stemdl check LOG                            # MLPerf compliance check of a run's log
     stemdl synth OUT --preset tiny --seed 1     # synthetic data in the public layout
     stemdl validate DIR                         # check every sample, summarize, list the bad ones
     stemdl index DIR                            # build (or reuse) the cached index of a data directory
@@ -20,6 +22,8 @@ from stemdl.errors import StemdlError
 
 # name -> (module, one-line help)
 COMMANDS = {
+    "run": ("stemdl.train", "the timed benchmark: train to the target macro F1, writing an MLLOG"),
+    "check": ("stemdl.check", "run the MLPerf compliance checker on stemdl logs with our rule files"),
     "synth": ("stemdl.synth.generate", "generate a synthetic data set in the public STEMDL layout"),
     "validate": ("stemdl.data.validate", "check every sample of a data directory and summarize it"),
     "index": ("stemdl.data.index", "build or reuse the cached sample index of a data directory"),

@@ -1,0 +1,104 @@
+"""`stemdl run` end to end on the tiny synthetic set: 1 and 2 MPI ranks, compliant logs, stop rules, seeds."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stemdl.check import check_log
+from stemdl.cli import main
+
+
+def mpiexec() -> str | None:
+    beside = Path(sys.executable).with_name("mpiexec")
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    assert main(["synth", str(out), "--preset", "tiny", "--quiet"]) == 0
+    return out
+
+
+def run_smoke(tiny_data, log_dir, *extra) -> dict:
+    assert main(["run", "--config", "smoke", "--data", str(tiny_data), "--log-dir", str(log_dir), *extra]) == 0
+    logs = sorted(log_dir.glob("result_*.txt"))
+    metrics = json.loads(logs[-1].with_suffix(".metrics.json").read_text())
+    return {"log": logs[-1], "metrics": metrics}
+
+
+def run_stop_status(log: Path) -> str:
+    for line in log.read_text().splitlines():
+        if '"key": "run_stop"' in line:
+            return json.loads(line.split(":::MLLOG ", 1)[1])["metadata"]["status"]
+    raise AssertionError(f"{log}: no run_stop")
+
+
+def test_single_process_smoke_run_is_compliant_and_aborted(tiny_data, tmp_path, capsys):
+    result = run_smoke(tiny_data, tmp_path / "runs")
+    ok, messages = check_log(result["log"])
+    assert ok, messages
+    assert run_stop_status(result["log"]) == "aborted", "the smoke budget cannot reach F1 0.9"
+    assert result["metrics"]["status"] == "aborted" and result["metrics"]["epochs"] == 2
+    out = capsys.readouterr().out
+    assert "time to F1" in out and "NOT reached" in out and "1 node(s)" in out
+
+
+def test_reaching_the_target_stops_the_run_with_success(tiny_data, tmp_path):
+    result = run_smoke(tiny_data, tmp_path / "runs", "--target", "0.01", "--epochs", "5")
+    assert run_stop_status(result["log"]) == "success"
+    assert result["metrics"]["epochs"] == 1, "stops at the first evaluation that reaches the target"
+    ok, messages = check_log(result["log"], division="open")
+    assert ok, messages
+
+
+def test_same_seed_same_f1_history(tiny_data, tmp_path):
+    first = run_smoke(tiny_data, tmp_path / "a", "--epochs", "3", "--seed", "5")
+    second = run_smoke(tiny_data, tmp_path / "b", "--epochs", "3", "--seed", "5")
+    history = [(h["epoch"], h["macro_f1"], h["loss"]) for h in first["metrics"]["history"]]
+    assert history == [(h["epoch"], h["macro_f1"], h["loss"]) for h in second["metrics"]["history"]]
+    assert len(history) == 3
+
+
+def test_results_are_never_overwritten(tiny_data, tmp_path):
+    log_dir = tmp_path / "runs"
+    first = run_smoke(tiny_data, log_dir)["log"]
+    before = first.read_bytes()
+    second = run_smoke(tiny_data, log_dir)["log"]
+    assert (first.name, second.name) == ("result_0.txt", "result_1.txt")
+    assert first.read_bytes() == before
+
+
+@pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (install the 'mpi' extra)")
+def test_two_mpi_ranks_write_one_compliant_log(tiny_data, tmp_path):
+    log_dir = tmp_path / "runs"
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "stemdl", "run", "--config", "smoke",
+                           "--data", str(tiny_data), "--log-dir", str(log_dir)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = sorted(log_dir.glob("result_*.txt"))
+    assert [p.name for p in logs] == ["result_0.txt"], "only rank 0 writes"
+    ok, messages = check_log(logs[0])
+    assert ok, messages
+    text = logs[0].read_text()
+    assert '"key": "global_batch_size", "value": 4' in text, "2 ranks x batch 2"
+    assert proc.stdout.count("time to F1") == 1, "one summary line, from rank 0"
+    metrics = json.loads(logs[0].with_suffix(".metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["number_of_nodes"] == 1
+
+
+def test_bad_config_is_one_line_before_anything_runs(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: smoke\nbatch_sise: 3\n")
+    assert main(["run", "--config", str(bad), "--log-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "batch_sise" in err[0]
+    assert not (tmp_path / "runs").exists()
+    assert main(["run", "--config", "smoke", "--set", "epochs=two"]) == 2
+    assert "'epochs'" in capsys.readouterr().err

@@ -91,3 +91,11 @@ def test_eval_blocks_are_contiguous_and_padded_at_the_end():
 def test_bad_arguments_raise_one_line(call, message):
     with pytest.raises(StemdlError, match=message):
         call()
+
+
+@settings(max_examples=100, deadline=None)
+@given(rounds=st.integers(1, 20), world=worlds, batch=batches, seed=seeds, epoch=epochs)
+def test_every_sample_lands_in_exactly_one_shard_when_the_set_divides(rounds, world, batch, seed, epoch):
+    n = rounds * world * batch
+    union = np.concatenate([train_shard(n, seed, epoch, rank, world, batch) for rank in range(world)])
+    assert np.array_equal(np.sort(union), np.arange(n))

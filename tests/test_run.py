@@ -102,3 +102,14 @@ def test_bad_config_is_one_line_before_anything_runs(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
     assert main(["run", "--config", "smoke", "--set", "epochs=two"]) == 2
     assert "'epochs'" in capsys.readouterr().err
+
+
+def test_data_errors_reach_every_rank_and_a_given_path_is_never_filled(tmp_path, capsys):
+    missing = tmp_path / "typo"
+    assert main(["run", "--config", "smoke", "--data", str(missing), "--log-dir", str(tmp_path / "r")]) == 2
+    assert "no such folder" in capsys.readouterr().err and not missing.exists()
+    other = tmp_path / "other"
+    assert main(["synth", str(other), "--preset", "tiny", "--samples", "3", "--quiet"]) == 0
+    # a synthetic folder made with other settings than the preset's is refused, not mixed
+    assert main(["run", "--config", "smoke", "--set", f"data={other}", "--log-dir", str(tmp_path / "r")]) == 2
+    assert "other settings" in capsys.readouterr().err

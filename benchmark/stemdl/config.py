@@ -53,10 +53,11 @@ class RunConfig:
     seed: int = 0
     # -- where results go and how the submission is described
     log_dir: str = "runs"
-    submission_org: str = "stemdl"
-    submission_division: str = "closed"
-    submission_status: str = "onprem"
-    submission_platform: str = ""
+    # None: from $STEMDL_SUBMISSION_ORG, _DIVISION, _STATUS, _PLATFORM, else stemdl, closed, onprem, host name
+    submission_org: str | None = None
+    submission_division: str | None = None
+    submission_status: str | None = None
+    submission_platform: str | None = None
 
     def global_batch_size(self, world_size: int) -> int:
         return self.batch_size * world_size
@@ -140,7 +141,7 @@ def check(cfg: RunConfig) -> None:
         (cfg.schedule in ("cosine", "constant"), "schedule", "must be cosine or constant"),
         (cfg.base_lr > 0 and cfg.weight_decay >= 0, "base_lr", "base_lr > 0 and weight_decay >= 0"),
         (0 < cfg.log_floor < cfg.log_ceiling, "log_floor", "0 < log_floor < log_ceiling"),
-        (cfg.submission_division in ("closed", "open"), "submission_division", "must be closed or open"),
+        (cfg.submission_division in (None, "closed", "open"), "submission_division", "must be closed or open"),
     ]
     for ok, key, why in rules:
         if not ok:

@@ -134,6 +134,26 @@ def broadcast_object(obj, root: int = 0):
     return _comm.bcast(obj, root=root) if _comm is not None else obj
 
 
+def on_root(fn, *args, root: int = 0):
+    """fn(*args) run on rank `root` only; its result, or the StemdlError it raised, reaches every rank.
+
+    For work one rank does for all (generating data, building the index): without this, an error on
+    the root would leave the other ranks waiting in the next collective until its timeout.
+    """
+    from stemdl.errors import StemdlError
+
+    outcome = None
+    if _env is None or _env.rank == root:
+        try:
+            outcome = ("ok", fn(*args))
+        except StemdlError as exc:
+            outcome = ("error", str(exc))
+    outcome = broadcast_object(outcome, root=root)
+    if outcome[0] == "error":
+        raise StemdlError(outcome[1])
+    return outcome[1]
+
+
 def all_reduce_sum(tensor):
     """Sum `tensor` over all ranks in place and return it. Under NCCL a CPU tensor goes through this
     rank's GPU and the sum is copied back into it."""

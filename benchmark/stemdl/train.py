@@ -63,29 +63,31 @@ def next_result_paths(log_dir: Path) -> dict:
             "metrics": Path(f"{stem}.metrics.json")}
 
 
-def ensure_data(cfg, env) -> Path:
-    """The data folder; a synthetic one is generated (or finished) by rank 0 first, others wait."""
-    root = Path(cfg.data)
-    if env.is_root and cfg.synth_preset and (not root.exists() or (root / "synth.json").exists()):
-        from stemdl.synth import generate
+def _generate(root: Path, preset: str) -> None:
+    from stemdl.synth import generate
 
-        args = argparse.Namespace(preset=cfg.synth_preset, seed=None, distribution=None, space_groups=None,
-                                  samples=None, samples_per_file=None, image_size=None, no_noise=False,
-                                  distinguishable=False, rotate=None)
-        generate.generate(root, generate.resolve_config(args), workers=os.cpu_count() or 1)
-    dist.barrier()
+    args = argparse.Namespace(preset=preset, seed=None, distribution=None, space_groups=None, samples=None,
+                              samples_per_file=None, image_size=None, no_noise=False, distinguishable=False,
+                              rotate=None)
+    generate.generate(root, generate.resolve_config(args), workers=os.cpu_count() or 1)
+
+
+def ensure_data(cfg) -> Path:
+    """The data folder. A synthetic one (absent, or made by `stemdl synth`) is generated or finished
+    first by rank 0 (the others wait; an error there is raised on every rank)."""
+    root = Path(cfg.data)
+    if cfg.synth_preset and (not root.exists() or (root / "synth.json").exists()):
+        dist.on_root(_generate, root, cfg.synth_preset)
     if not root.exists():
-        raise StemdlError(f"--data {root}: no such folder (and no synth_preset to generate it)")
+        raise StemdlError(f"--data {root}: no such folder")
     return root
 
 
-def load_index(root: Path, env):
-    """Rank 0 builds or refreshes the index; the others then load what it saved."""
+def load_index(root: Path):
+    """Rank 0 builds or refreshes the index and broadcasts it: one reader of the file system, not N."""
     from stemdl.data.index import load_or_build
 
-    index = load_or_build(root, quiet=True) if env.is_root else None
-    dist.barrier()
-    return index if env.is_root else load_or_build(root, workers=1, quiet=True)
+    return dist.on_root(load_or_build, root)
 
 
 def lr_lambda(cfg, steps_per_epoch: int):
@@ -139,10 +141,10 @@ def setup(cfg, env) -> Session:
     log = mlperf.MLLogger(paths["log"], env.rank)
     log.submission_info(cfg.submission_org, cfg.submission_division, cfg.submission_status,
                         cfg.submission_platform)
-    root = ensure_data(cfg, env)
+    root = ensure_data(cfg)
     log.cache_clear()
     log.start(mlperf.INIT_START)
-    pipe = build_pipeline(cfg.pipeline, load_index(root, env), cfg, env)
+    pipe = build_pipeline(cfg.pipeline, load_index(root), cfg, env)
     model, optimizer, scheduler = build_model_and_optimizer(cfg, env, pipe.steps_per_epoch)
     log_config(log, cfg, env, pipe)
     if env.is_root:
@@ -288,6 +290,8 @@ def overrides(args: argparse.Namespace) -> dict:
 
     values = {"log_dir": args.log_dir, "data": args.data, "seed": args.seed, "target": args.target,
               "epochs": args.epochs}
+    if args.data is not None:  # the user's own folder: never fill a mistyped path with synthetic data
+        values["synth_preset"] = ""  # (None would mean "not given" and keep the preset's)
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:

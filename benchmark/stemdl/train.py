@@ -136,6 +136,8 @@ def log_config(log, cfg, env, pipe) -> None:
 
 
 def setup(cfg, env) -> Session:
+    if env.device == "cpu":  # ranks on one node share its cores; more threads than cores only thrash
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     paths = next_result_paths(Path(cfg.log_dir)) if env.is_root else {}
     paths = dist.broadcast_object(paths)
     log = mlperf.MLLogger(paths["log"], env.rank)

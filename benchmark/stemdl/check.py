@@ -1,9 +1,9 @@
 """The compliance check of MLPerf logs, and the `stemdl check` command.
 
-    stemdl check runs/*/mllog.txt                  # one line per log: LOG: PASSED, or LOG: FAILED and why
+    stemdl check runs/result_*.txt                 # one line per log: LOG: PASSED, or LOG: FAILED and why
     stemdl check run.log --division open           # the open rules, whatever division the log states
 
-    ok, messages = check_log("runs/x/mllog.txt")   # what the run and the summarizer call
+    ok, messages = check_log("runs/result_0.txt")  # what the run and the summarizer call
 
 The official `mlperf_logging.compliance_checker` does the work, with the MLPerf HPC v3.0 rules: its
 hpc_3.0.0/common.yaml, then {division}_common.yaml, then {division}_stemdl.yaml. The last one is ours

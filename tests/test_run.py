@@ -47,6 +47,7 @@ def test_single_process_smoke_run_is_compliant_and_aborted(tiny_data, tmp_path, 
     assert result["metrics"]["status"] == "aborted" and result["metrics"]["epochs"] == 2
     out = capsys.readouterr().out
     assert "time to F1" in out and "NOT reached" in out and "1 node(s)" in out
+    assert f"compliance check of {result['log']}: PASSED" in out
 
 
 def test_reaching_the_target_stops_the_run_with_success(tiny_data, tmp_path):

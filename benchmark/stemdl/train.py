@@ -254,10 +254,10 @@ def timed_run(s: Session) -> dict:
             "final": cm}
 
 
-def report(s: Session, result: dict) -> None:
-    """The metrics JSON and the one line a user reads (rank 0)."""
+def report(s: Session, result: dict) -> bool:
+    """The metrics JSON, the one line a user reads, and the compliance verdict on the log (rank 0)."""
     if not s.env.is_root:
-        return
+        return True
     final = result["final"]
     metrics = {"status": result["status"], "time_to_train_min": result["minutes"], "epochs": result["epochs"],
                "target": s.cfg.target, "number_of_nodes": s.env.number_of_nodes, "world_size": s.env.world_size,
@@ -270,6 +270,14 @@ def report(s: Session, result: dict) -> None:
     print(f"stemdl: time to F1 {result['minutes']:.2f} min, {result['epochs']} epochs, final macro F1 {f1:.4f} "
           f"(target {s.cfg.target} {reached}), {s.env.number_of_nodes} node(s), {s.env.world_size} rank(s); "
           f"log {s.paths['log']}", flush=True)
+    from stemdl.check import check_log
+
+    s.log.close()
+    ok, messages = check_log(s.paths["log"])
+    print(f"stemdl: compliance check of {s.paths['log']}: {'PASSED' if ok else 'FAILED'}", flush=True)
+    for message in messages if not ok else []:
+        print(f"  {message}", file=sys.stderr)
+    return ok
 
 
 # ---------------------------------------------------------------- the command
@@ -311,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
                   f"config:\n{config_mod.describe(cfg)}", file=sys.stderr, flush=True)
         session = setup(cfg, env)
         result = timed_run(session)
-        report(session, result)
+        compliant = report(session, result)
     finally:
         dist.teardown()
-    return 0
+    return 0 if compliant else 1

@@ -25,7 +25,8 @@ def test_file_starts_from_its_preset_and_command_line_wins(tmp_path):
 
 @pytest.mark.parametrize("overrides, key", [({"epochs": "two"}, "epochs"), ({"amp": 1}, "amp"),
                                             ({"batch_size": 2.5}, "batch_size"), ({"target": 1.5}, "target"),
-                                            ({"view": "all"}, "view"), ({"nope": 1}, "nope")])
+                                            ({"view": "all"}, "view"), ({"nope": 1}, "nope"),
+                                            ({"submission_division": "closed", "target": 0.5}, "target")])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(StemdlError, match=f"'{key}'"):
         load_config("smoke", overrides)

@@ -54,7 +54,9 @@ def test_reaching_the_target_stops_the_run_with_success(tiny_data, tmp_path):
     result = run_smoke(tiny_data, tmp_path / "runs", "--target", "0.01", "--epochs", "5")
     assert run_stop_status(result["log"]) == "success"
     assert result["metrics"]["epochs"] == 1, "stops at the first evaluation that reaches the target"
-    ok, messages = check_log(result["log"], division="open")
+    assert '"key": "submission_division", "value": "open"' in result["log"].read_text(), \
+        "a target other than the closed one makes an open-division run"
+    ok, messages = check_log(result["log"])
     assert ok, messages
 
 

@@ -141,8 +141,9 @@ def setup(cfg, env) -> Session:
     paths = next_result_paths(Path(cfg.log_dir)) if env.is_root else {}
     paths = dist.broadcast_object(paths)
     log = mlperf.MLLogger(paths["log"], env.rank)
-    log.submission_info(cfg.submission_org, cfg.submission_division, cfg.submission_status,
-                        cfg.submission_platform)
+    # Only the closed target makes a closed run; any other target is an open-division run.
+    division = cfg.submission_division or (None if cfg.target == config_mod.CLOSED_TARGET else "open")
+    log.submission_info(cfg.submission_org, division, cfg.submission_status, cfg.submission_platform)
     root = ensure_data(cfg)
     log.cache_clear()
     log.start(mlperf.INIT_START)

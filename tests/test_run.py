@@ -116,3 +116,12 @@ def test_data_errors_reach_every_rank_and_a_given_path_is_never_filled(tmp_path,
     # a synthetic folder made with other settings than the preset's is refused, not mixed
     assert main(["run", "--config", "smoke", "--set", f"data={other}", "--log-dir", str(tmp_path / "r")]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_single_view_stream_pipeline_and_resnet_run(tiny_data, tmp_path):
+    # the reference recipe's code paths: one pattern per sample, logits averaged over 3 at evaluation
+    result = run_smoke(tiny_data, tmp_path / "runs", "--set", "view=single", "--set", "pipeline=stream",
+                       "--set", "model=resnet18")
+    ok, messages = check_log(result["log"])
+    assert ok, messages
+    assert len(result["metrics"]["history"]) == 2

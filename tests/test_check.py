@@ -330,3 +330,11 @@ def test_stemdl_check_command(tmp_path, capsys):
     assert cli.main(["check", str(tmp_path / "absent.txt")]) == 2
     absent = tmp_path / "absent.txt"
     assert capsys.readouterr().err == f"stemdl check: error: {absent}: cannot read the log (No such file or directory)\n"
+
+
+def test_malformed_mllog_line_is_a_failure_naming_the_line_not_a_traceback(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text('some output\n:::MLLOG {"namespace": "", "key": "run_start"}\n')
+    ok, messages = check_log(bad)
+    assert not ok and messages == [
+        'line 2 lacks time_ms, event_type, value, metadata: :::MLLOG {"namespace": "", "key": "run_start"}']

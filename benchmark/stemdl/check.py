@@ -78,6 +78,8 @@ def check_log(path: Path | str, division: str | None = None) -> tuple[bool, list
         loglines, errors = mlp_parser.parse_file(str(path), ruleset=RULESET)
     except OSError as exc:
         raise StemdlError(f"{path}: cannot read the log ({exc.strerror or exc})") from None
+    except (KeyError, ValueError, TypeError) as exc:  # the official parser gives up on a malformed line
+        return False, [_first_malformed_line(path) or f"the log does not parse ({type(exc).__name__}: {exc})"]
 
     checker = _Checker(division)
     for line, error in errors:
@@ -97,6 +99,25 @@ def check_log(path: Path | str, division: str | None = None) -> tuple[bool, list
         warnings.append(f"warning: checked against the {division} rules; the log states submission_division "
                         f"{logged_division!r}")
     return not messages, [_condense(m) for m in messages + warnings]
+
+
+_LINE_FIELDS = ("namespace", "time_ms", "event_type", "key", "value", "metadata")
+
+
+def _first_malformed_line(path: Path) -> str | None:
+    """Which :::MLLOG line the official parser choked on, and why, in one line."""
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if ":::MLLOG" not in line:
+                continue
+            try:
+                record = json.loads(line.split(":::MLLOG", 1)[1])
+            except ValueError:
+                return f"line {number} is not JSON after ':::MLLOG': {line.strip()[:200]}"
+            missing = [k for k in _LINE_FIELDS if not isinstance(record, dict) or k not in record]
+            if missing:
+                return f"line {number} lacks {', '.join(missing)}: {line.strip()[:200]}"
+    return None
 
 
 def _condense(message: str) -> str:

@@ -24,6 +24,7 @@ from stemdl.errors import StemdlError
 COMMANDS = {
     "run": ("stemdl.train", "the timed benchmark: train to the target macro F1, writing an MLLOG"),
     "check": ("stemdl.check", "run the MLPerf compliance checker on stemdl logs with our rule files"),
+    "summarize": ("stemdl.summarize", "scaling tables and plots (md, csv, json, png) from a submission's logs"),
     "synth": ("stemdl.synth.generate", "generate a synthetic data set in the public STEMDL layout"),
     "validate": ("stemdl.data.validate", "check every sample of a data directory and summarize it"),
     "index": ("stemdl.data.index", "build or reuse the cached sample index of a data directory"),

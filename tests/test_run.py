@@ -125,3 +125,28 @@ def test_single_view_stream_pipeline_and_resnet_run(tiny_data, tmp_path):
     ok, messages = check_log(result["log"])
     assert ok, messages
     assert len(result["metrics"]["history"]) == 2
+
+
+def test_gpu_energy_is_logged_after_the_clock_when_nvml_is_there(tiny_data, tmp_path, monkeypatch):
+    from test_energy import FakeNvml
+
+    from stemdl import energy
+
+    class CountingNvml(FakeNvml):  # a GPU whose energy counter advances 1 J per reading
+        def nvmlDeviceGetTotalEnergyConsumption(self, h):
+            self.energy_mj[h] += 1000
+            return self.energy_mj[h]
+
+    fake = CountingNvml(power_mw=[150_000], energy_mj=[0])
+    monkeypatch.setattr(energy, "open_nvml", lambda module=None: (fake, None))
+    result = run_smoke(tiny_data, tmp_path / "runs")
+    lines = [json.loads(line.split(":::MLLOG ", 1)[1]) for line in result["log"].read_text().splitlines()]
+    keys = [line["key"] for line in lines]
+    assert keys.index("gpu_energy") > keys.index("run_stop"), "logged outside the timed region"
+    joules = lines[keys.index("gpu_energy")]["value"]
+    assert joules >= 1.0 and lines[keys.index("gpu_energy")]["metadata"]["nodes"] == 1
+    ok, messages = check_log(result["log"])
+    assert ok, messages
+    power = result["log"].parent / "power" / result["log"].stem / "node_0.txt"
+    assert '"key": "power_reading"' in power.read_text()
+    assert fake.shutdown_calls == 1

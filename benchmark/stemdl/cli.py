@@ -2,6 +2,8 @@
 
     stemdl run [--config default|smoke|reference]  # the timed benchmark (mpiexec/srun/jsrun for many ranks)
     stemdl check LOG                            # MLPerf compliance check of a run's log
+    stemdl summarize ORG                        # time to F1 per scale, efficiency, plots
+    stemdl sysinfo --org ORG --system NAME      # the MLPerf system description of this machine
     stemdl synth OUT --preset tiny --seed 1     # synthetic data in the public layout
     stemdl validate DIR                         # check every sample, summarize, list the bad ones
     stemdl index DIR                            # build (or reuse) the cached index of a data directory
@@ -25,6 +27,7 @@ COMMANDS = {
     "run": ("stemdl.train", "the timed benchmark: train to the target macro F1, writing an MLLOG"),
     "check": ("stemdl.check", "run the MLPerf compliance checker on stemdl logs with our rule files"),
     "summarize": ("stemdl.summarize", "scaling tables and plots (md, csv, json, png) from a submission's logs"),
+    "sysinfo": ("stemdl.sysinfo", "write ORG/systems/NAME.json, the MLPerf HPC system description of this machine"),
     "synth": ("stemdl.synth.generate", "generate a synthetic data set in the public STEMDL layout"),
     "validate": ("stemdl.data.validate", "check every sample of a data directory and summarize it"),
     "index": ("stemdl.data.index", "build or reuse the cached sample index of a data directory"),

@@ -53,6 +53,7 @@ ACCELERATORS_PER_NODE = "accelerators_per_node"
 TARGET_EVAL_ACCURACY = "target_eval_accuracy"  # the macro F1 a successful run reaches (eval_accuracy)
 EVAL_WEIGHTED_F1 = "eval_weighted_f1"
 EVAL_TOP1_ACCURACY = "eval_top1_accuracy"
+GPU_ENERGY = "gpu_energy"  # joules used by the GPUs between run_start and run_stop (NVML)
 
 DIVISIONS = (CLOSED, OPEN)
 STATUSES = (CLOUD, ONPREM, PREVIEW, RESEARCH)

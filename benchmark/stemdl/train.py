@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from stemdl import config as config_mod
-from stemdl import dist, mlperf
+from stemdl import dist, energy, mlperf
 from stemdl.errors import StemdlError
 from stemdl.metrics import ConfusionMatrix
 from stemdl.models import build_model
@@ -47,6 +47,7 @@ class Session:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: energy.PowerSampler
 
 
 # ---------------------------------------------------------------- setup
@@ -135,7 +136,7 @@ def log_config(log, cfg, env, pipe) -> None:
     log.event(mlperf.TARGET_EVAL_ACCURACY, cfg.target)
 
 
-def setup(cfg, env) -> Session:
+def setup(cfg, env, sampler) -> Session:
     if env.device == "cpu":  # ranks on one node share its cores; more threads than cores only thrash
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     paths = next_result_paths(Path(cfg.log_dir)) if env.is_root else {}
@@ -154,7 +155,7 @@ def setup(cfg, env) -> Session:
         paths["config"].write_text(config_mod.describe(cfg) + "\n")
     synchronize(env)
     log.end(mlperf.INIT_STOP)
-    return Session(cfg, env, log, paths, pipe, model, optimizer, scheduler)
+    return Session(cfg, env, log, paths, pipe, model, optimizer, scheduler, sampler)
 
 
 def synchronize(env) -> None:
@@ -231,6 +232,7 @@ def timed_run(s: Session) -> dict:
     history, status, cm = [], "aborted", None
     synchronize(s.env)
     s.log.start(mlperf.RUN_START)
+    s.sampler.mark(mlperf.RUN_START)
     start = time.time()
     for epoch in range(1, s.cfg.epochs + 1):
         s.log.start(mlperf.EPOCH_START, metadata={"epoch_num": epoch})
@@ -250,9 +252,24 @@ def timed_run(s: Session) -> dict:
             status = "success"
             break
     synchronize(s.env)
+    s.sampler.mark(mlperf.RUN_STOP)
     s.log.run_stop(status)
+    log_energy(s)
     return {"status": status, "minutes": (time.time() - start) / 60, "epochs": epoch, "history": history,
             "final": cm}
+
+
+def log_energy(s: Session) -> None:
+    """After the clock: each node's first rank writes its power log beside the result, and rank 0 logs
+    the GPU energy of run_start..run_stop summed over the nodes (nothing without NVML)."""
+    joules = s.sampler.energy_joules()
+    energy.log_power(s.paths["log"].parent / "power" / s.paths["log"].stem / f"node_{s.env.node_rank}.txt",
+                     s.sampler, s.env.node_rank)
+    total = torch.tensor([joules or 0.0, 1.0 if joules is not None else 0.0], dtype=torch.float64)
+    dist.all_reduce_sum(total)
+    if total[1] > 0:
+        s.log.event(mlperf.GPU_ENERGY, round(float(total[0]), 3),
+                    metadata={"nodes": int(total[1]), "between": [mlperf.RUN_START, mlperf.RUN_STOP]})
 
 
 def report(s: Session, result: dict) -> bool:
@@ -314,13 +331,18 @@ def overrides(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     cfg = config_mod.load_config(args.config, overrides(args))
     env = dist.setup()
+    sampler = energy.PowerSampler(env=env)  # GPU power on each node's first rank (NVML)
     try:
         if env.is_root:
             print(f"stemdl run: {env.world_size} rank(s) on {env.number_of_nodes} node(s), {env.device}; "
                   f"config:\n{config_mod.describe(cfg)}", file=sys.stderr, flush=True)
-        session = setup(cfg, env)
+        message = sampler.start()
+        if message and env.is_root:
+            print(f"stemdl run: {message}", file=sys.stderr, flush=True)
+        session = setup(cfg, env, sampler)
         result = timed_run(session)
         compliant = report(session, result)
     finally:
+        sampler.stop()
         dist.teardown()
     return 0 if compliant else 1

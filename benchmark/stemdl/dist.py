@@ -168,6 +168,20 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def sum_ints(values) -> list[int]:
+    """Element-wise sums of a few integers over all ranks, as a list (collective). Over MPI: a few
+    microseconds and no device synchronization, cheap enough for every training step, where a torch
+    all-reduce costs about 100x more through gloo on CPUs and a copy to the GPU and back under NCCL."""
+    _require()
+    if _comm is None:  # one rank without MPI
+        return [int(v) for v in values]
+    import numpy as np
+    send = np.asarray(values, dtype=np.int64)
+    recv = np.empty_like(send)
+    _comm.Allreduce(send, recv, op=_import_mpi().SUM)
+    return recv.tolist()
+
+
 def node_comm():
     """The MPI communicator of this node's ranks (ordered by world rank), or None without MPI."""
     _require()

@@ -10,6 +10,13 @@ Run (run_start..run_stop, the clock): train an epoch on every rank's shard, eval
 macro F1 over the whole validation split (one all-reduce of the confusion matrices), stop as soon as it
 reaches the target (`success`) or when the epoch budget is spent (`aborted`). Before each timestamp that
 matters the device is synchronized and the ranks agree (barrier).
+
+SIGTERM or SIGINT on any rank (a scheduler's time limit, scancel, bkill, Ctrl-C) stops every rank within
+a step: during the run the handler only records the signal, every training and evaluation step the ranks
+sum the flags (one MPI all-reduce of an integer, microseconds), and all leave together; rank 0 logs
+run_stop with status `aborted` and the reason ("SIGTERM on rank 1"), and the command exits with 128 +
+the signal number (143 for SIGTERM). During setup the signal interrupts the rank it reached, which ends
+every rank (MPI_Abort) with that status, before anything is timed.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from stemdl.metrics import ConfusionMatrix
 from stemdl.models import build_model
 from stemdl.pipeline import NUM_CLASSES, build_pipeline
 from stemdl.preprocess import eval_views, normalize, training_view
+from stemdl.stop import Interrupted, StopSignal
 
 
 @dataclass
@@ -48,6 +56,11 @@ class Session:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: energy.PowerSampler
+    stop: StopSignal | None = None  # None: no signal handling (the run cannot be stopped early)
+
+
+def stop_requested(s: Session) -> bool:
+    return s.stop is not None and s.stop.agreed()
 
 
 # ---------------------------------------------------------------- setup
@@ -187,11 +200,14 @@ def autocast(s: Session):
     return torch.autocast("cuda" if on_gpu else "cpu", dtype=torch.bfloat16, enabled=on_gpu)
 
 
-def train_epoch(s: Session, epoch: int) -> dict:
+def train_epoch(s: Session, epoch: int) -> dict | None:
+    """The epoch's mean loss and speed; None when a signal stopped it (on every rank at the same step)."""
     s.model.train()
     generator = torch.Generator().manual_seed(s.cfg.seed * 100003 + epoch * 1009 + s.env.rank)
     total, count, start = 0.0, 0, time.perf_counter()
     for x, y in s.pipe.train_batches(epoch):
+        if stop_requested(s):
+            return None
         x = augment(training_view(to_input(x, s), s.cfg.view, generator), s.cfg.augment, generator)
         y = y.to(s.env.device, non_blocking=True)
         with autocast(s):
@@ -207,10 +223,13 @@ def train_epoch(s: Session, epoch: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(s: Session) -> ConfusionMatrix:
+def evaluate(s: Session) -> ConfusionMatrix | None:
+    """The confusion matrix over the whole validation split; None when a signal stopped it."""
     s.model.eval()
     cm = ConfusionMatrix(NUM_CLASSES, device=s.env.device)
     for x, y, mask in s.pipe.eval_batches():
+        if stop_requested(s):
+            return None
         views = eval_views(to_input(x, s), s.cfg.view)
         with autocast(s):
             logits = sum(s.model(v).float() for v in views) / len(views)
@@ -228,20 +247,31 @@ def epoch_line(epoch: int, s: Session, stats: dict, cm: ConfusionMatrix | None, 
     return text + f", {elapsed / 60:.2f} min"
 
 
-def timed_run(s: Session) -> dict:
-    history, status, cm = [], "aborted", None
+def timed_run(s: Session) -> dict | None:
+    """The run's result; None when a signal came before run_start (nothing logged then)."""
+    history, status, cm, final, reason = [], "aborted", None, None, None
     synchronize(s.env)
+    if stop_requested(s):
+        s.stop.reason()
+        return None
     s.log.start(mlperf.RUN_START)
     s.sampler.mark(mlperf.RUN_START)
     start = time.time()
     for epoch in range(1, s.cfg.epochs + 1):
         s.log.start(mlperf.EPOCH_START, metadata={"epoch_num": epoch})
         stats = train_epoch(s, epoch)
+        if stats is None:  # stopped inside the epoch: no epoch_stop (the rules allow that)
+            reason = s.stop.reason()
+            break
         s.log.end(mlperf.EPOCH_STOP, metadata={"epoch_num": epoch})
         cm = None
         if epoch % s.cfg.eval_every == 0 or epoch == s.cfg.epochs:
             s.log.start(mlperf.EVAL_START, metadata={"epoch_num": epoch})
             cm = evaluate(s)
+            if cm is None:  # stopped inside the evaluation: no eval_stop
+                reason = s.stop.reason()
+                break
+            final = cm
             s.log.log_eval(epoch, cm.macro_f1(), cm.weighted_f1(), cm.accuracy())
             s.log.end(mlperf.EVAL_STOP, metadata={"epoch_num": epoch})
             history.append({"epoch": epoch, **stats, "macro_f1": cm.macro_f1(),
@@ -253,10 +283,13 @@ def timed_run(s: Session) -> dict:
             break
     synchronize(s.env)
     s.sampler.mark(mlperf.RUN_STOP)
-    s.log.run_stop(status)
+    if reason is None:
+        s.log.run_stop(status)
+    else:
+        s.log.end(mlperf.RUN_STOP, metadata={mlperf.STATUS: mlperf.ABORTED, "reason": reason})
     log_energy(s)
     return {"status": status, "minutes": (time.time() - start) / 60, "epochs": epoch, "history": history,
-            "final": cm}
+            "final": final, "interrupted": reason}
 
 
 def log_energy(s: Session) -> None:
@@ -280,6 +313,8 @@ def report(s: Session, result: dict) -> bool:
     metrics = {"status": result["status"], "time_to_train_min": result["minutes"], "epochs": result["epochs"],
                "target": s.cfg.target, "number_of_nodes": s.env.number_of_nodes, "world_size": s.env.world_size,
                "history": result["history"], "final": final.to_json() if final is not None else None}
+    if result.get("interrupted"):
+        metrics["interrupted"] = result["interrupted"]
     tmp = s.paths["metrics"].with_name(s.paths["metrics"].name + ".partial")
     tmp.write_text(json.dumps(metrics, indent=1) + "\n")
     os.replace(tmp, s.paths["metrics"])
@@ -332,7 +367,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_mod.load_config(args.config, overrides(args))
     env = dist.setup()
     sampler = energy.PowerSampler(env=env)  # GPU power on each node's first rank (NVML)
+    stop = StopSignal(env)
     try:
+        stop.install()
         if env.is_root:
             print(f"stemdl run: {env.world_size} rank(s) on {env.number_of_nodes} node(s), {env.device}; "
                   f"config:\n{config_mod.describe(cfg)}", file=sys.stderr, flush=True)
@@ -340,9 +377,30 @@ def run(args: argparse.Namespace) -> int:
         if message and env.is_root:
             print(f"stemdl run: {message}", file=sys.stderr, flush=True)
         session = setup(cfg, env, sampler)
+        session.stop = stop
+        stop.defer()
         result = timed_run(session)
-        compliant = report(session, result)
+        if result is None:
+            compliant = True
+            if env.is_root:
+                print(f"stemdl run: stopped before run_start by {stop.reason_text}", file=sys.stderr, flush=True)
+        else:
+            compliant = report(session, result)
+            if result["interrupted"]:
+                if env.is_root:
+                    print(f"stemdl run: stopped by {result['interrupted']}: every rank left the run at the "
+                          f"same step; run_stop aborted logged in {session.paths['log']}", file=sys.stderr,
+                          flush=True)
+                dist.barrier()  # no rank exits (non-zero) before rank 0 has written and checked the log
+    except Interrupted as exc:  # during setup: other ranks may be waiting in a collective, so end them all
+        stop.defer()  # a second signal now must not interrupt the stopping
+        print(f"stemdl run: {exc} during setup: stopping every rank", file=sys.stderr, flush=True)
+        if env.world_size > 1:
+            dist.abort(128 + exc.signum)
+        stop.signum = exc.signum
+        compliant = True
     finally:
+        stop.uninstall()
         sampler.stop()
         dist.teardown()
-    return 0 if compliant else 1
+    return stop.exit_status() or (0 if compliant else 1)

@@ -17,8 +17,9 @@ class DataError(StemdlError):
         self.path = str(path)
         self.group = group
         self.reason = reason
-        where = f"{self.path}:{group}" if group is not None else self.path
-        super().__init__(f"{where}: {reason}")
+        shown = group if group is None or group.isprintable() else repr(group)  # one line, whatever the name
+        where = f"{self.path}:{shown}" if group is not None else self.path
+        super().__init__(f"{where}: {' '.join(str(reason).split())}")
 
     def __reduce__(self):
         # Rebuilt from its parts when a worker process sends it back to the parent.

@@ -21,8 +21,9 @@ import numpy as np
 from stemdl.errors import DataError
 
 SPLITS = ("train", "dev", "test")
-FILE_RE = re.compile(r"^batch_(train|dev|test)_(\d+)\.h5$")
-GROUP_RE = re.compile(r"^sample_(\d+)_(\d+)$")
+# ASCII digits only (a str \d also matches '١٢'), and \Z, since '$' would also accept a trailing newline.
+FILE_RE = re.compile(r"^batch_(train|dev|test)_(\d+)\.h5\Z", re.ASCII)
+GROUP_RE = re.compile(r"^sample_(\d+)_(\d+)\Z", re.ASCII)
 DATASET = "cbed_stack"
 N_PATTERNS = 3
 IMAGE_SIZE = 512

@@ -133,6 +133,8 @@ def dataset_problems(group: h5py.Group) -> list[str]:
         return [f"missing dataset {layout.DATASET}"]
     if not isinstance(obj, h5py.Dataset):
         return [f"{layout.DATASET} is not a dataset"]
+    if obj.shape is None:  # an HDF5 null dataspace (h5py.Empty): no shape, no data
+        return [f"{layout.DATASET} is empty (null dataspace)"]
     if obj.dtype != np.float32:
         return [f"{layout.DATASET} has dtype {obj.dtype}, expected float32"]
     return []
@@ -230,7 +232,11 @@ class DataFile:
         """The float32 (3, H, W) image stack, read straight into `out` (allocated if None, else reused)."""
         ds = self.dataset(group)
         if out is None:
-            out = np.empty(ds.shape, dtype=np.float32)
+            try:
+                out = np.empty(ds.shape, dtype=np.float32)
+            except MemoryError:  # a tiny file can declare a huge, never-written dataset
+                raise DataError(self.name, f"{layout.DATASET} of shape {ds.shape} does not fit in memory",
+                                group) from None
         elif out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous float32 array, got {out.dtype}")
         elif out.shape != ds.shape:  # the data disagrees with the size the caller planned for

@@ -37,7 +37,13 @@ class BadEntry:
     reason: str
 
     def line(self) -> str:
-        return f"{self.file}: {self.reason}" if self.group is None else f"{self.file}:{self.group}: {self.reason}"
+        file, group = _shown(self.file), None if self.group is None else _shown(self.group)
+        return f"{file}: {self.reason}" if group is None else f"{file}:{group}: {self.reason}"
+
+
+def _shown(name: str) -> str:
+    """The name as it is, or escaped and quoted if it holds a line break or other unprintable character."""
+    return name if name.isprintable() else ascii(name)
 
 
 @dataclass
@@ -125,11 +131,14 @@ def _check_sample(f: DataFile, name: str) -> SampleCheck:
     try:
         check.reasons += dataset_problems(group)
         ds = group.get(layout.DATASET)
-        if isinstance(ds, h5py.Dataset):  # a wrong dtype still gets its shape and values checked
+        # A wrong dtype still gets its shape and values checked; a null dataspace has neither.
+        if isinstance(ds, h5py.Dataset) and ds.shape is not None:
             check.shape = tuple(int(n) for n in ds.shape)
             check.reasons += value_problems(ds)
     except H5_ERRORS as exc:
         check.reasons.append(f"unreadable {layout.DATASET} ({h5_reason(exc)})")
+    except MemoryError:  # a tiny file can declare a huge, never-written dataset: one pattern will not fit
+        check.reasons.append(f"{layout.DATASET} of shape {check.shape} is too large to check")
     return check
 
 

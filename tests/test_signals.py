@@ -128,3 +128,18 @@ def test_sigterm_during_setup_stops_without_a_traceback(tiny_data, tmp_path):  #
     log = log_dir / "result_0.txt"
     if log.exists() and '"key": "run_start"' in log.read_text():  # setup was faster than the signal
         assert last_run_stop(log)["metadata"]["status"] == "aborted"
+
+
+@pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (install the 'mpi' extra)")
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
+def test_a_killed_rank_ends_the_job_without_a_hang(tiny_data, tmp_path):  # noqa: F811
+    # kill -9 cannot be caught: the launcher must notice the dead rank and end the other (no hang in a
+    # collective until its timeout). The log stays as far as it got, without run_stop.
+    log_dir = tmp_path / "runs"
+    proc = stemdl_run(tiny_data, log_dir, mpiexec(), "-n", "2")
+    wait_for_key(proc, log_dir, "epoch_start")
+    os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+    killed = time.monotonic()
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0 and time.monotonic() - killed < 30
+    assert '"key": "run_stop"' not in (log_dir / "result_0.txt").read_text()

@@ -1,6 +1,5 @@
 """The two torch pipelines behind the factory give the same batches for the same seed and epoch."""
 
-import argparse
 from dataclasses import dataclass
 
 import pytest
@@ -22,9 +21,7 @@ class Env:
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipe") / "tiny"
-    ns = argparse.Namespace(preset="tiny", seed=3, distribution=None, samples_per_file=None, image_size=None,
-                            space_groups=None, samples=None, no_noise=False, distinguishable=False, rotate=None)
-    generate.generate(out, generate.resolve_config(ns), quiet=True)
+    generate.generate(out, generate.preset_config("tiny", seed=3), quiet=True)
     return load_or_build(out, workers=1, quiet=True)
 
 

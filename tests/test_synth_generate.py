@@ -1,6 +1,5 @@
 """The generator end to end: layout, labels, reproducibility across worker counts, resume, refusals."""
 
-import argparse
 import hashlib
 import json
 import signal
@@ -19,11 +18,7 @@ from stemdl.synth import crystals, diffclass, generate
 
 
 def tiny_config(**overrides) -> generate.SynthConfig:
-    ns = argparse.Namespace(preset="tiny", seed=7, distribution=None, samples_per_file=None, image_size=None,
-                            space_groups=None, samples=None, no_noise=False, distinguishable=False)
-    for key, value in overrides.items():
-        setattr(ns, key, value)
-    return generate.resolve_config(ns)
+    return generate.preset_config("tiny", **{"seed": 7, **overrides})
 
 
 def digests(root):
@@ -166,9 +161,7 @@ def test_distinguishable_keeps_one_group_per_diffraction_class():
     # P1 is more frequent than P-1 in the public data, Pnma more than Pna2_1.
     cfg = tiny_config(space_groups="1,2,33,62,14", distinguishable=True)
     assert cfg.space_groups == (1, 14, 62)
-    default = generate.resolve_config(argparse.Namespace(
-        preset="default", seed=None, distribution=None, samples_per_file=None, image_size=None,
-        space_groups=None, samples=None, no_noise=False, distinguishable=False))
+    default = generate.preset_config("default")
     assert diffclass.distinguishable(default.space_groups)
     assert default.distribution == "real"
     # As its description says: the most frequent group of each crystal system in the public data.

@@ -94,11 +94,11 @@ class _Pipeline:
     @property
     def train_samples(self) -> int:
         """Samples trained on per epoch, over all ranks (the remainder of the permutation is dropped)."""
-        return self.steps_per_epoch * self.cfg.batch_size * self.env.world_size
+        return shard.shard_size(len(self.train), self.env.world_size, self.cfg.batch_size) * self.env.world_size
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.train) // (self.env.world_size * self.cfg.batch_size)
+        return shard.shard_size(len(self.train), self.env.world_size, self.cfg.batch_size) // self.cfg.batch_size
 
     @property
     def eval_samples(self) -> int:

@@ -80,10 +80,7 @@ def next_result_paths(log_dir: Path) -> dict:
 def _generate(root: Path, preset: str) -> None:
     from stemdl.synth import generate
 
-    args = argparse.Namespace(preset=preset, seed=None, distribution=None, space_groups=None, samples=None,
-                              samples_per_file=None, image_size=None, no_noise=False, distinguishable=False,
-                              rotate=None)
-    generate.generate(root, generate.resolve_config(args), workers=os.cpu_count() or 1)
+    generate.generate(root, generate.preset_config(preset), workers=os.cpu_count() or 1)
 
 
 def ensure_data(cfg) -> Path:

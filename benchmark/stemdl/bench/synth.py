@@ -23,10 +23,8 @@ from stemdl.synth import generate
 
 
 def _config(args, total: int) -> generate.SynthConfig:
-    ns = argparse.Namespace(preset="full", seed=args.seed, distribution="real", samples_per_file=20,
-                            image_size=args.image_size, space_groups=args.space_groups, samples=total,
-                            no_noise=False, distinguishable=False)
-    return generate.resolve_config(ns)
+    return generate.preset_config("full", seed=args.seed, distribution="real", samples_per_file=20,
+                                  image_size=args.image_size, space_groups=args.space_groups, samples=total)
 
 
 def end_to_end(args) -> float:

@@ -140,7 +140,7 @@ def resolve_config(args: argparse.Namespace) -> SynthConfig:
         values["samples"] = split_sizes(args.samples, values["samples"])
     if args.no_noise:
         values["dose"] = None
-    if getattr(args, "rotate", None) is not None:
+    if args.rotate is not None:
         values["rotate"] = args.rotate
     groups = parse_space_groups(values["space_groups"])
     if args.distinguishable:
@@ -152,6 +152,16 @@ def resolve_config(args: argparse.Namespace) -> SynthConfig:
     cfg = SynthConfig(**values)
     check_config(cfg)
     return cfg
+
+
+def preset_config(preset: str, **options) -> SynthConfig:
+    """`resolve_config` for callers in code: a preset, then options named as on the command line."""
+    values = dict(preset=preset, seed=None, distribution=None, space_groups=None, samples=None,
+                  samples_per_file=None, image_size=None, no_noise=False, distinguishable=False, rotate=None)
+    unknown = set(options) - set(values)
+    if unknown:
+        raise TypeError(f"preset_config: unknown option(s) {', '.join(sorted(unknown))}")
+    return resolve_config(argparse.Namespace(**{**values, **options}))
 
 
 def split_sizes(total: int, proportions: dict) -> dict:

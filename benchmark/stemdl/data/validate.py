@@ -116,7 +116,9 @@ def value_problems(ds: h5py.Dataset) -> list[str]:
     return problems
 
 
-def _check_sample(f: DataFile, name: str) -> SampleCheck:
+def check_sample(f: DataFile, name: str, values: bool = True) -> SampleCheck:
+    """Every problem of one sample (attributes, dataset, and with `values` its intensities); never raises
+    for bad data. `values=False` reads no image data: the run's quick screen (`stemdl.data.screen`)."""
     check = SampleCheck(name)
     try:
         group = f.group(name)
@@ -134,7 +136,8 @@ def _check_sample(f: DataFile, name: str) -> SampleCheck:
         # A wrong dtype still gets its shape and values checked; a null dataspace has neither.
         if isinstance(ds, h5py.Dataset) and ds.shape is not None:
             check.shape = tuple(int(n) for n in ds.shape)
-            check.reasons += value_problems(ds)
+            if values:
+                check.reasons += value_problems(ds)
     except H5_ERRORS as exc:
         check.reasons.append(f"unreadable {layout.DATASET} ({h5_reason(exc)})")
     except MemoryError:  # a tiny file can declare a huge, never-written dataset: one pattern will not fit
@@ -148,7 +151,7 @@ def _check_file(job: tuple[str, str]) -> FileCheck:
     try:
         with DataFile(path, name) as f:
             check.others = f.other_names()
-            check.samples = [_check_sample(f, g) for g in f.groups]
+            check.samples = [check_sample(f, g) for g in f.groups]
     except DataError as exc:  # the file itself: not HDF5, truncated, unreadable, unlistable
         check.error = exc.reason
     return check

@@ -1,5 +1,6 @@
 """The sample index: built once, reused, rescanning only changed files, saved where it can be."""
 
+import dataclasses
 import os
 import re
 
@@ -11,6 +12,7 @@ from stemdl.cli import main
 from stemdl.data import index as index_mod
 from stemdl.data.index import INDEX_NAME, DataIndex, cache_path, load_or_build
 from stemdl.errors import DataError
+from stemdl.synth import generate
 
 TRAIN, DEV = "train/batch_train_0.h5", "dev/batch_dev_0.h5"
 
@@ -140,7 +142,50 @@ def test_index_command(data, capsys):
     assert "batch_train_0.h5: not a readable HDF5 file (file signature not found)" in capsys.readouterr().err
 
 
+def _attribute_lattices(index: DataIndex) -> np.ndarray:
+    """(n, 6) float64: abc_angstrom then angles_degree of every entry, read straight from the files."""
+    rows = []
+    for i in range(len(index)):
+        with h5py.File(index.file_path(i), "r") as h5:
+            attrs = h5[index.group_name(i)].attrs
+            rows.append(np.concatenate([attrs["abc_angstrom"], attrs["angles_degree"]]))
+    return np.array(rows)
+
+
+def test_lattice_fields_match_the_attributes_of_the_fixture(data):
+    idx = _build(data)
+    assert idx.abc.dtype == idx.angles.dtype == np.float32 and idx.abc.shape == idx.angles.shape == (3, 3)
+    expected = _attribute_lattices(idx)
+    np.testing.assert_array_equal(idx.targets(np.arange(3)), expected.astype(np.float32))
+    np.testing.assert_allclose(idx.targets([2, 0]), expected[[2, 0]], rtol=1e-7)
+    assert idx.targets([]).shape == (0, 6) and idx.targets(idx.select("dev")).dtype == np.float32
+    np.testing.assert_array_equal(_build(data).targets([1]), idx.targets([1]))  # as saved and reloaded
+
+
+def test_lattice_fields_match_the_attributes_of_a_synthetic_set(tmp_path):
+    cfg = dataclasses.replace(generate.preset_config("tiny", seed=5), samples={"train": 4, "dev": 2, "test": 0})
+    generate.generate(tmp_path / "syn", cfg, quiet=True)
+    idx = _build(tmp_path / "syn")
+    assert len(idx) == 6 and idx.kinematic_class.min() >= 0
+    lattices = idx.targets(np.arange(len(idx)))
+    np.testing.assert_array_equal(lattices, _attribute_lattices(idx).astype(np.float32))
+    assert np.all(lattices[:, :3] > 0) and np.all((lattices[:, 3:] > 0) & (lattices[:, 3:] < 180))
+
+
+def test_index_of_an_older_format_version_is_rebuilt(data, scans):
+    idx = _build(data)
+    with np.load(idx.path) as z:  # the same arrays under format version 1, which had no lattice
+        old = {k: z[k] for k in z.files if k not in ("abc", "angles")}
+    old["version"] = np.int64(1)
+    with open(idx.path, "wb") as f:
+        np.savez(f, **old)
+    again = _build(data)
+    assert (again.status, again.rescanned, len(scans)) == ("built", 2, 4)
+    _assert_same(idx, again)
+
+
 def _assert_same(a: DataIndex, b: DataIndex):
     assert a.files == b.files
-    for name in ("file_size", "file_mtime_ns", "file_start", "group", "label", "shape", "kinematic_class"):
+    for name in ("file_size", "file_mtime_ns", "file_start", "group", "label", "shape", "kinematic_class", "abc",
+                 "angles"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)

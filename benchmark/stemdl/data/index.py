@@ -6,6 +6,7 @@
     index = load_or_build("data/real")         # DataIndex: one entry per sample, natural order
     train = index.select("train")              # entry numbers
     index.file_path(i), index.group_name(i), index.label[i], index.shape[i], index.kinematic_class[i]
+    index.targets(train)                       # (n, 6) float32: a, b, c (angstrom), alpha, beta, gamma (degrees)
 
 Scanning the real set's 187,155 samples means opening every group of a few thousand files, so the result is
 saved beside the data (`DIR/.stemdl_index.npz`) or, where DIR is not writable, in the cache folder
@@ -15,7 +16,9 @@ are rescanned. Scanning reads attributes and dataset shapes, never the images.
 
 File format (numpy .npz, uncompressed, no pickles): `version`, `root`; per file `files` (paths relative
 to the root), `file_size`, `file_mtime_ns`, `file_start` (entries of file k are file_start[k]:file_start[k+1]);
-per entry `group` (bytes), `label` (int16), `shape` (int32, (n, 3)), `kinematic_class` (int32, -1 if absent).
+per entry `group` (bytes), `label` (int16), `shape` (int32, (n, 3)), `kinematic_class` (int32, -1 if absent),
+`abc` (float32, (n, 3): the attribute abc_angstrom) and `angles` (float32, (n, 3): angles_degree), which the
+multi-task heads learn (`stemdl.tasks`). An index saved in an older format version is rebuilt.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from stemdl.data import layout
 from stemdl.data.reader import DataFile, data_files, default_workers, imap_files
 
 INDEX_NAME = ".stemdl_index.npz"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-entry abc and angles
 _FILE_FIELDS = ("file_size", "file_mtime_ns", "file_start")
-_ENTRY_FIELDS = ("group", "label", "shape", "kinematic_class")
+_ENTRY_FIELDS = ("group", "label", "shape", "kinematic_class", "abc", "angles")
 
 
 class IndexEntry(NamedTuple):
@@ -63,6 +66,8 @@ class DataIndex:
     label: np.ndarray
     shape: np.ndarray
     kinematic_class: np.ndarray
+    abc: np.ndarray  # float32 (n, 3), angstrom
+    angles: np.ndarray  # float32 (n, 3), degrees
     path: Path | None = None  # where it is saved; None if it could not be
     status: str = "built"  # "built", "updated" (some files rescanned) or "reused"
     rescanned: int = 0  # files scanned by the call that returned this index
@@ -99,6 +104,12 @@ class DataIndex:
         """Samples per space group, indexed by label (length 231; entry 0 unused)."""
         labels = self.label if split is None else self.label[self.select(split)]
         return np.bincount(labels, minlength=layout.N_SPACE_GROUPS + 1)
+
+    def targets(self, rows) -> np.ndarray:
+        """The lattice of entries `rows` as float32 (len(rows), 6): a, b, c in angstrom, alpha, beta, gamma
+        in degrees (the order of the attributes abc_angstrom and angles_degree)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return np.concatenate([self.abc[rows], self.angles[rows]], axis=1)
 
     def file_block(self, k: int) -> dict[str, np.ndarray]:
         """The entry fields of file k (what a scan of that file returns)."""
@@ -173,18 +184,20 @@ def _save_first(index: DataIndex, locations: list[Path]) -> Path | None:
 # ---- building -------------------------------------------------------------------------------------------
 
 def _scan_file(path: str) -> dict[str, np.ndarray]:
-    """Labels, shapes and kinematic classes of one file's samples: attributes and shapes only."""
+    """Labels, shapes, kinematic classes and lattices of one file's samples: attributes and shapes only."""
     rows = []
     with DataFile(path) as f:
         for g in f.groups:
             rec = f.record(g)
             kc = -1 if rec.kinematic_class is None else rec.kinematic_class
-            rows.append((g, rec.space_group, f.shape(g), kc))
+            rows.append((g, rec.space_group, f.shape(g), kc, rec.abc_angstrom, rec.angles_degree))
     return {
         "group": np.array([r[0] for r in rows], dtype="S") if rows else np.zeros(0, "S1"),
         "label": np.array([r[1] for r in rows], dtype=np.int16),
         "shape": np.array([r[2] for r in rows], dtype=np.int32).reshape(-1, 3),
         "kinematic_class": np.array([r[3] for r in rows], dtype=np.int32),
+        "abc": np.array([r[4] for r in rows], dtype=np.float32).reshape(-1, 3),
+        "angles": np.array([r[5] for r in rows], dtype=np.float32).reshape(-1, 3),
     }
 
 

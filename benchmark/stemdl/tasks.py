@@ -40,10 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from stemdl import models
+from stemdl.data.layout import CRYSTAL_SYSTEMS, SYSTEM_LAST_GROUP
 from stemdl.errors import DataError, StemdlError
 
-CRYSTAL_SYSTEMS = ("triclinic", "monoclinic", "orthorhombic", "tetragonal", "trigonal", "hexagonal", "cubic")
-_SYSTEM_LAST_GROUP = (2, 15, 74, 142, 167, 194, 230)  # the last space group of each crystal system
 
 CENTRINGS = ("P", "A", "B", "C", "I", "F", "R")
 # The first letter of the short Hermann-Mauguin symbol of space groups 1..230 in their standard setting
@@ -55,7 +54,7 @@ _CENTRING_LETTERS = ("PPPPCPPCCPPCPPCPPPPCCFIIPPPPPPPPPPCCCAAAAFFIIIPPPP"    # 1
                      "PFFIPIPPFFIPPIPFIPFIPPPPFFFFII")                      # 201-230
 
 # Indexed by class index (space group - 1).
-CRYSTAL_SYSTEM_OF = np.searchsorted(_SYSTEM_LAST_GROUP, np.arange(1, 231)).astype(np.int64)
+CRYSTAL_SYSTEM_OF = np.searchsorted(SYSTEM_LAST_GROUP, np.arange(1, 231)).astype(np.int64)
 CENTRING_OF = np.array([CENTRINGS.index(c) for c in _CENTRING_LETTERS], dtype=np.int64)
 
 LATTICE = ("a", "b", "c", "alpha", "beta", "gamma")  # a, b, c in angstrom; angles in degrees

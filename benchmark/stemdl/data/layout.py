@@ -28,6 +28,8 @@ DATASET = "cbed_stack"
 N_PATTERNS = 3
 IMAGE_SIZE = 512
 N_SPACE_GROUPS = 230
+CRYSTAL_SYSTEMS = ("triclinic", "monoclinic", "orthorhombic", "tetragonal", "trigonal", "hexagonal", "cubic")
+SYSTEM_LAST_GROUP = (2, 15, 74, 142, 167, 194, 230)  # the last space group of each crystal system (ITA vol. A)
 
 
 @dataclass(frozen=True)

@@ -32,3 +32,14 @@ def copy_fixture(fixture_dir):
         return dest
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """The tiny synthetic set (16 samples, 4 space groups, 128x128), generated once per test session.
+    Read-only: tests that damage data copy it first."""
+    from stemdl.cli import main
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    assert main(["synth", str(out), "--preset", "tiny", "--quiet"]) == 0
+    return out

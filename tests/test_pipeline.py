@@ -1,14 +1,19 @@
-"""The two torch pipelines behind the factory give the same batches for the same seed and epoch."""
+"""The pipelines behind the factory give the same batches for the same seed and epoch, from raw HDF5 and from
+converted shards; DALI's CPU ops give the torch path's values."""
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
 from stemdl.config import load_config
 from stemdl.data.index import load_or_build
+from stemdl.data.shards import ShardSet
+from stemdl.data.source import raw_splits
 from stemdl.errors import StemdlError
 from stemdl.pipeline import PIPELINES, build_pipeline
+from stemdl.preprocess import normalize
 from stemdl.synth import generate
 
 
@@ -16,42 +21,114 @@ from stemdl.synth import generate
 class Env:
     rank: int = 0
     world_size: int = 1
+    device: str = "cpu"
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory):
+def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipe") / "tiny"
     generate.generate(out, generate.preset_config("tiny", seed=3), quiet=True)
-    return load_or_build(out, workers=1, quiet=True)
+    return out
 
 
-def test_memory_and_stream_give_the_same_batches(index):
+@pytest.fixture(scope="module")
+def index(tiny):
+    return load_or_build(tiny, workers=1, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def shards(tiny, tmp_path_factory):
+    from stemdl.cli import main
+
+    out = tmp_path_factory.mktemp("pipe") / "shards"
+    assert main(["convert", str(tiny), str(out), "--size", "32", "--workers", "1", "--quiet"]) == 0
+    return ShardSet.open(out)
+
+
+def batches(pipe, epoch):
+    train = [tuple(part.clone() for part in b) for b in pipe.train_batches(epoch)]
+    evaluation = [tuple(part.clone() for part in b) for b in pipe.eval_batches()]
+    return train, evaluation
+
+
+def assert_same(a, b, normalized_b=False):
+    """Same samples in the same order: equal labels, targets and masks; equal images (b maybe normalized)."""
+    assert len(a) == len(b)
+    for left, right in zip(a, b):
+        x = normalize(left[0]) if normalized_b else left[0]
+        assert x.shape == right[0].shape
+        if normalized_b:
+            torch.testing.assert_close(x, right[0], atol=1e-5, rtol=0)
+        else:
+            assert torch.equal(x, right[0])
+        for k in range(1, len(left)):
+            assert torch.equal(left[k], right[k])
+
+
+def test_memory_torch_and_dali_give_the_same_batches_from_raw_data(index):
+    pytest.importorskip("nvidia.dali")
     cfg = load_config("smoke", {"batch_size": 2})
-    memory, stream = (build_pipeline(name, index, cfg, Env()) for name in ("memory", "stream"))
+    train, dev = raw_splits(index, cfg)
+    memory, torch_pipe, dali = (build_pipeline(name, train, dev, cfg, Env()) for name in ("memory", "torch", "dali"))
+    assert dali.normalized and not memory.normalized
     for epoch in (1, 2):
-        a, b = list(memory.train_batches(epoch)), list(stream.train_batches(epoch))
-        assert len(a) == len(b) == memory.steps_per_epoch == 4
-        for (xa, ya), (xb, yb) in zip(a, b):
-            assert xa.dtype == torch.uint8 and xa.shape == (2, 3, cfg.image_size, cfg.image_size)
-            assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    assert [y.tolist() for _, y in memory.train_batches(1)] != [y.tolist() for _, y in memory.train_batches(2)]
-    for (xa, ya, ma), (xb, yb, mb) in zip(memory.eval_batches(), stream.eval_batches()):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ma, mb)
+        a_train, a_eval = batches(memory, epoch)
+        assert len(a_train) == memory.steps_per_epoch == 4
+        assert a_train[0][0].dtype == torch.uint8 and a_train[0][0].shape == (2, 3, cfg.image_size, cfg.image_size)
+        assert a_train[0][2].shape == (2, 6), "lattice targets travel with every batch"
+        for other in (torch_pipe, dali):
+            b_train, b_eval = batches(other, epoch)
+            assert_same(a_train, b_train, other.normalized)
+            assert_same(a_eval, b_eval, other.normalized)
+    assert [b[1].tolist() for b in memory.train_batches(1)] != [b[1].tolist() for b in memory.train_batches(2)]
+
+
+def test_uint8_shards_hold_exactly_what_the_raw_pipeline_computes(index, shards):
+    cfg = load_config("smoke", {"batch_size": 2})
+    raw = build_pipeline("memory", *raw_splits(index, cfg), cfg, Env())
+    converted = build_pipeline("torch", shards.split("train"), shards.split("dev"), cfg, Env())
+    for epoch in (1, 3):
+        a_train, a_eval = batches(raw, epoch)
+        b_train, b_eval = batches(converted, epoch)
+        assert_same(a_train, b_train)
+        assert_same(a_eval, b_eval)
+
+
+def test_dali_on_shards_equals_the_torch_path(shards):
+    pytest.importorskip("nvidia.dali")
+    cfg = load_config("smoke", {"batch_size": 2})
+    splits = shards.split("train"), shards.split("dev")
+    torch_pipe, dali = (build_pipeline(name, *splits, cfg, Env()) for name in ("torch", "dali"))
+    for epoch in (1, 2):
+        a_train, a_eval = batches(torch_pipe, epoch)
+        b_train, b_eval = batches(dali, epoch)
+        assert_same(a_train, b_train, normalized_b=True)
+        assert_same(a_eval, b_eval, normalized_b=True)
 
 
 def test_ranks_split_the_validation_set_exactly_once(index):
     cfg = load_config("smoke", {"batch_size": 3})
+    train, dev = raw_splits(index, cfg)
     seen = []
     for rank in range(2):
-        pipe = build_pipeline("memory", index, cfg, Env(rank, 2))
-        for _, y, mask in pipe.eval_batches():
+        pipe = build_pipeline("memory", train, dev, cfg, Env(rank, 2))
+        for _, y, _, mask in pipe.eval_batches():
             seen.extend(y[mask].tolist())
     assert sorted(seen) == sorted((index.label[index.select("dev")] - 1).tolist())
 
 
+def test_class_aware_samplers_keep_the_epoch_length(index):
+    cfg = load_config("smoke", {"batch_size": 2, "sampler": "balanced"})
+    pipe = build_pipeline("memory", *raw_splits(index, cfg), cfg, Env())
+    labels = np.concatenate([b[1].numpy() for b in pipe.train_batches(1)])
+    assert len(labels) == pipe.steps_per_epoch * 2 == 8
+
+
 def test_unknown_pipeline_and_too_little_data(index):
-    assert set(PIPELINES) == {"memory", "stream"}
+    assert set(PIPELINES) == {"memory", "torch", "dali"}
+    cfg = load_config("smoke")
     with pytest.raises(StemdlError, match="pipeline"):
-        build_pipeline("dali", index, load_config("smoke"), Env())
+        build_pipeline("stream", *raw_splits(index, cfg), cfg, Env())
+    cfg = load_config("smoke", {"batch_size": 8})
     with pytest.raises(StemdlError, match="cannot fill one batch"):
-        build_pipeline("memory", index, load_config("smoke", {"batch_size": 8}), Env(0, 2))
+        build_pipeline("memory", *raw_splits(index, cfg), cfg, Env(0, 2))

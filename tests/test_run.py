@@ -18,13 +18,6 @@ def mpiexec() -> str | None:
     return str(beside) if beside.exists() else shutil.which("mpiexec")
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    assert main(["synth", str(out), "--preset", "tiny", "--quiet"]) == 0
-    return out
-
-
 def run_smoke(tiny_data, log_dir, *extra) -> dict:
     assert main(["run", "--config", "smoke", "--data", str(tiny_data), "--log-dir", str(log_dir), *extra]) == 0
     logs = sorted(log_dir.glob("result_*.txt"))
@@ -118,9 +111,9 @@ def test_data_errors_reach_every_rank_and_a_given_path_is_never_filled(tmp_path,
     assert "other settings" in capsys.readouterr().err
 
 
-def test_single_view_stream_pipeline_and_resnet_run(tiny_data, tmp_path):
+def test_single_view_torch_pipeline_and_resnet_run(tiny_data, tmp_path):
     # the reference recipe's code paths: one pattern per sample, logits averaged over 3 at evaluation
-    result = run_smoke(tiny_data, tmp_path / "runs", "--set", "view=single", "--set", "pipeline=stream",
+    result = run_smoke(tiny_data, tmp_path / "runs", "--set", "view=single", "--set", "pipeline=torch",
                        "--set", "model=resnet18")
     ok, messages = check_log(result["log"])
     assert ok, messages

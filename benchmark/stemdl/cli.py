@@ -7,6 +7,9 @@
     stemdl synth OUT --preset tiny --seed 1     # synthetic data in the public layout
     stemdl validate DIR                         # check every sample, summarize, list the bad ones
     stemdl index DIR                            # build (or reuse) the cached index of a data directory
+    stemdl convert DIR SHARDS --size 128        # preprocessed uint8 shards + manifest (mpiexec for many ranks)
+    stemdl eda DIR --out report                 # exploratory analysis: counts, imbalance, lattices, PCA
+    stemdl ablate imbalance --out results       # losses, samplers, ensembles on an imbalanced synthetic set
 
 Each module named in COMMANDS provides `configure(parser)` and `run(args) -> int`; it is imported only when
 its command runs, so `stemdl validate` does not pay for importing torch or pyxtal. A `StemdlError` is
@@ -31,6 +34,9 @@ COMMANDS = {
     "synth": ("stemdl.synth.generate", "generate a synthetic data set in the public STEMDL layout"),
     "validate": ("stemdl.data.validate", "check every sample of a data directory and summarize it"),
     "index": ("stemdl.data.index", "build or reuse the cached sample index of a data directory"),
+    "convert": ("stemdl.data.convert", "convert a data set to preprocessed shards (MPI-parallel, resumable)"),
+    "eda": ("stemdl.eda", "exploratory data analysis report (Markdown, PNG, JSON) of a data set"),
+    "ablate": ("stemdl.ablate", "ablations of the data challenge: imbalance methods, multi-task heads"),
     "bench": ("stemdl.bench", "measure the speed of a part of the harness (prints figures)"),
 }
 

@@ -31,13 +31,20 @@ class RunConfig:
     target: float = CLOSED_TARGET  # dataset-level macro F1 on the validation split
     eval_every: int = 1  # epochs between evaluations
     epochs: int = 40  # budget: the run is aborted if the target is not reached by then
+    stop_at_target: bool = True  # False: train the whole budget (ablations compare final metrics)
     # -- data
     data: str = "data/default"  # a folder in the public layout
     synth_preset: str | None = "default"  # generate the data with this preset when the folder is absent
     train_split: str = "train"
     eval_split: str = "dev"
-    pipeline: str = "memory"  # input pipeline name (see stemdl.pipeline.PIPELINES)
+    pipeline: str = "memory"  # input pipeline: memory | torch | dali (see stemdl.pipeline.PIPELINES)
     loader_workers: int = 2
+    stage_dir: str | None = None  # node-local folder to copy converted shards to during init ($TMPDIR, /dev/shm)
+    keep_staged: bool = False  # leave the staged copy in place at exit (a persistent burst buffer)
+    verify_shards: str = "size"  # none | size | checksum: check converted shards against their manifest
+    skip_bad: bool = False  # leave out bad samples (counted and logged) instead of refusing to run
+    max_bad: float = 0.01  # ... but refuse above this fraction of the samples
+    screen_pixels: bool = True  # screen raw HDF5 pixels (NaN, Inf, negative) during init, not only attributes
     # -- preprocessing and model
     image_size: int = 64
     log_floor: float = 1e-3
@@ -45,6 +52,9 @@ class RunConfig:
     view: str = "stack"  # stack: 3 patterns as channels; single: one pattern, logits averaged at eval
     augment: str = "flip"  # flip: random left-right mirror per training sample; none
     model: str = "small_cnn"
+    tasks: str = "space_group"  # heads on the shared trunk: space_group[,lattice,crystal_system,centring]
+    task_weighting: str = "fixed"  # fixed (task_weights) | learned (homoscedastic uncertainty)
+    task_weights: str = ""  # e.g. "lattice=0.5,crystal_system=0.3"; 1.0 for each task not named
     # -- optimization (AdamW; lr scaled linearly with the number of ranks, as the reference does)
     batch_size: int = 32  # per rank
     base_lr: float = 1e-3  # per rank; the run uses base_lr * world_size
@@ -52,10 +62,20 @@ class RunConfig:
     warmup_epochs: float = 1.0
     schedule: str = "cosine"  # cosine (to zero at the end of the epoch budget) | constant, after warmup
     label_smoothing: float = 0.0
+    # -- class imbalance (stemdl.losses, stemdl.samplers)
+    loss: str = "ce"  # ce | weighted | class_balanced | focal | logit_adjusted | drw
+    focal_gamma: float = 2.0
+    cb_beta: float = 0.9999  # class_balanced and drw: effective-number beta
+    la_tau: float = 1.0  # logit_adjusted: temperature of the log prior
+    drw_epoch: int | None = None  # drw: first re-weighted epoch (None: the one after 80 % of the budget)
+    sampler: str = "uniform"  # uniform (a permutation per epoch) | balanced | sqrt (class-aware, with replacement)
     amp: bool = True  # bf16 autocast and channels_last on GPUs (ignored on CPUs)
     seed: int = 0
     # -- where results go and how the submission is described
     log_dir: str = "runs"
+    checkpoint_dir: str | None = None  # write checkpoints here (long non-benchmark training; see --resume)
+    checkpoint_every: int = 0  # epochs between checkpoints; 0: none
+    checkpoint_keep: int = 2  # newest checkpoints kept
     # None: from $STEMDL_SUBMISSION_ORG, _DIVISION, _STATUS, _PLATFORM, else stemdl, closed, onprem, host name
     submission_org: str | None = None
     submission_division: str | None = None
@@ -144,6 +164,12 @@ def check(cfg: RunConfig) -> None:
         (cfg.schedule in ("cosine", "constant"), "schedule", "must be cosine or constant"),
         (cfg.base_lr > 0 and cfg.weight_decay >= 0, "base_lr", "base_lr > 0 and weight_decay >= 0"),
         (0 < cfg.log_floor < cfg.log_ceiling, "log_floor", "0 < log_floor < log_ceiling"),
+        (cfg.verify_shards in ("none", "size", "checksum"), "verify_shards", "must be none, size or checksum"),
+        (0.0 <= cfg.max_bad < 1.0, "max_bad", "must be in [0, 1)"),
+        (cfg.checkpoint_every >= 0 and cfg.checkpoint_keep >= 1, "checkpoint_every",
+         "checkpoint_every >= 0 and checkpoint_keep >= 1"),
+        (cfg.checkpoint_every == 0 or cfg.checkpoint_dir, "checkpoint_dir", "checkpoint_every needs a checkpoint_dir"),
+        (cfg.task_weighting in ("fixed", "learned"), "task_weighting", "must be fixed or learned"),
         (cfg.submission_division in (None, "closed", "open"), "submission_division", "must be closed or open"),
         (cfg.submission_division != "closed" or cfg.target == CLOSED_TARGET, "target",
          f"the closed division's target is {CLOSED_TARGET}; other targets are open-division runs"),
@@ -151,6 +177,15 @@ def check(cfg: RunConfig) -> None:
     for ok, key, why in rules:
         if not ok:
             raise StemdlError(f"config key {key!r}: {why}")
+    from stemdl.losses import check_options  # imported here: torch is only needed once a run is configured
+    from stemdl.samplers import SAMPLERS
+    from stemdl.tasks import parse_task_weights, parse_tasks
+
+    check_options(cfg.loss, label_smoothing=cfg.label_smoothing, focal_gamma=cfg.focal_gamma, cb_beta=cfg.cb_beta,
+                  la_tau=cfg.la_tau, drw_epoch=cfg.drw_epoch, epochs=cfg.epochs)
+    if cfg.sampler not in SAMPLERS:
+        raise StemdlError(f"config key 'sampler': {cfg.sampler!r} is not one of {', '.join(SAMPLERS)}")
+    parse_task_weights(cfg.task_weights, parse_tasks(cfg.tasks), cfg.task_weighting)
 
 
 def describe(cfg: RunConfig) -> str:

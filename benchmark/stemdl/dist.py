@@ -134,6 +134,24 @@ def broadcast_object(obj, root: int = 0):
     return _comm.bcast(obj, root=root) if _comm is not None else obj
 
 
+def current() -> DistributedEnv:
+    """The environment setup() returned (raises RuntimeError before setup)."""
+    _require()
+    return _env
+
+
+def allgather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (pickled over MPI): small per-rank results."""
+    _require()
+    return _comm.allgather(obj) if _comm is not None else [obj]
+
+
+def node_ranks() -> list[int]:
+    """The world ranks on this node, in order (launchers do not always place them consecutively)."""
+    _require()
+    return sorted(_node.allgather(_env.rank)) if _node is not None else [_env.rank]
+
+
 def on_root(fn, *args, root: int = 0):
     """fn(*args) run on rank `root` only; its result, or the StemdlError it raised, reaches every rank.
 

@@ -54,6 +54,8 @@ TARGET_EVAL_ACCURACY = "target_eval_accuracy"  # the macro F1 a successful run r
 EVAL_WEIGHTED_F1 = "eval_weighted_f1"
 EVAL_TOP1_ACCURACY = "eval_top1_accuracy"
 GPU_ENERGY = "gpu_energy"  # joules used by the GPUs between run_start and run_stop (NVML)
+BAD_SAMPLES_SKIPPED = "bad_samples_skipped"  # samples left out by --skip-bad
+RESUMED_FROM_CHECKPOINT = "resumed_from_checkpoint"  # a resumed run: never a compliant timed run
 
 DIVISIONS = (CLOSED, OPEN)
 STATUSES = (CLOUD, ONPREM, PREVIEW, RESEARCH)

@@ -1,144 +1,122 @@
 """Input pipelines behind one contract, chosen by name from PIPELINES.
 
-    pipe = build_pipeline("memory", index, cfg, env)      # during init: reads and preprocesses
-    for x, y in pipe.train_batches(epoch): ...            # x uint8 (B, 3, S, S), y int64 class index
-    for x, y, mask in pipe.eval_batches(): ...            # mask False on padding
+    pipe = build_pipeline("torch", train, dev, cfg, env)   # splits from stemdl.data.source / data.shards
+    for x, y, t in pipe.train_batches(epoch): ...          # x (B, 3, S, S), y int64 class index, t (B, 6)
+    for x, y, t, mask in pipe.eval_batches(): ...          # mask False on padding
+    x = normalize(x) unless pipe.normalized                # DALI normalizes on its device already
 
-Both pipelines read the public HDF5 layout through the index, apply `stemdl.preprocess.Preprocess`
-(log with a floor, scale, clip to 0..255, area-resize), round to uint8, and cut the data with
-`stemdl.data.shard`: one seeded permutation per epoch, equal shards per rank; the validation split is
-divided so that every sample is counted once. They differ only in when they read:
+Every pipeline takes its samples in the harness's order: each epoch's training positions come from
+`stemdl.samplers.epoch_indices` (by default `stemdl.data.shard.train_shard`: one seeded permutation per
+epoch, equal shards of whole batches per rank) and the validation split is cut by `shard.eval_shard` so
+that every sample is counted once. The same seed, epoch and world size give the same samples in the same
+order in every pipeline (tested), and the same values: uint8 (raw data, uint8 shards) or float16 (float16
+shards) in 0..255, or, from `dali`, those values normalized to float32.
 
-- `memory`: everything is read and preprocessed once, during init (outside the clock); epochs then
-  index tensors in memory. For sets that fit in memory (the synthetic default: 2,400 samples are 30 MB
-  at 64x64).
-- `stream`: a torch DataLoader with worker processes reads each epoch's shard from HDF5.
-
-Class indices are space group - 1, so every data set shares the same 230 outputs.
+- `memory`: everything is read once, during init (outside the clock); epochs then index tensors in memory.
+  For sets that fit in memory (the synthetic default: 2,400 samples are 30 MB at 64x64).
+- `torch`: a DataLoader whose worker processes read each batch during the epoch (one `split.read` per
+  batch: a single gather from memory-mapped shards, or per-sample HDF5 reads and preprocessing).
+- `dali`: NVIDIA DALI (stemdl.dali_loader): batches fed in the harness's order by an external source,
+  cast and normalized on the GPU (on the CPU with no GPU, which is how CI tests it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from stemdl import samplers
 from stemdl.data import shard
-from stemdl.data.reader import DataFile
 from stemdl.errors import StemdlError
-from stemdl.preprocess import Preprocess
 
 NUM_CLASSES = 230
 
 
-@dataclass(frozen=True)
-class SplitData:
-    """Where every sample of one split is, and its class index."""
+class BatchReads(torch.utils.data.Dataset):
+    """Item k is batch k of `order`: (x, y, t) read from `split` in one call."""
 
-    paths: tuple
-    groups: tuple
-    labels: np.ndarray  # int64 class index = space group - 1
+    def __init__(self, split, order: np.ndarray, batch_size: int):
+        self.split, self.order, self.batch_size = split, np.asarray(order, dtype=np.int64), batch_size
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return -(-len(self.order) // self.batch_size)
+
+    def __getitem__(self, k: int):
+        rows = self.order[k * self.batch_size:(k + 1) * self.batch_size]
+        return (torch.from_numpy(np.ascontiguousarray(self.split.read(rows))),
+                torch.from_numpy(self.split.labels[rows]), torch.from_numpy(self.split.targets[rows]))
 
 
-def split_data(index, split: str) -> SplitData:
-    rows = index.select(split)
-    return SplitData(tuple(str(index.file_path(i)) for i in rows), tuple(index.group_name(i) for i in rows),
-                     index.label[rows].astype(np.int64) - 1)
-
-
-class StackSource(torch.utils.data.Dataset):
-    """Sample i of a split, read from HDF5 and preprocessed: (uint8 (3, S, S), class index)."""
-
-    def __init__(self, data: SplitData, prep: Preprocess):
-        self.data, self.prep = data, prep
-        self._files: dict[str, DataFile] = {}  # per process (each DataLoader worker opens its own)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int):
-        path = self.data.paths[i]
-        if path not in self._files:
-            self._files[path] = DataFile(path)
-        stack = torch.from_numpy(self._files[path].stack(self.data.groups[i]))
-        image = self.prep(stack).round_().to(torch.uint8)
-        return image, int(self.data.labels[i])
-
-
-def _loader(source, indices, batch_size: int, workers: int):
-    subset = torch.utils.data.Subset(source, [int(i) for i in indices])
-    return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       persistent_workers=False, drop_last=False)
+def _loader(split, order, batch_size: int, workers: int):
+    return torch.utils.data.DataLoader(BatchReads(split, order, batch_size), batch_size=None, shuffle=False,
+                                       num_workers=workers, persistent_workers=False)
 
 
 class _Pipeline:
-    """What both pipelines share: the sources, the shards and the batch arithmetic."""
+    """What every pipeline shares: the splits, the shards and the batch arithmetic."""
 
     name = ""
+    normalized = False  # True: x is already normalized float32 (stemdl.preprocess.normalize)
 
-    def __init__(self, index, cfg, env):
+    def __init__(self, train, evaluation, cfg, env):
         self.cfg, self.env = cfg, env
-        prep = Preprocess(size=cfg.image_size, floor=cfg.log_floor, ceiling=cfg.log_ceiling)
-        self.train = StackSource(split_data(index, cfg.train_split), prep)
-        self.eval = StackSource(split_data(index, cfg.eval_split), prep)
+        self.train, self.eval = train, evaluation
         if len(self.train) < env.world_size * cfg.batch_size:
             raise StemdlError(f"{cfg.data}: {len(self.train)} training samples cannot fill one batch of "
                               f"{cfg.batch_size} on each of {env.world_size} ranks")
+        if len(self.eval) == 0:
+            raise StemdlError(f"{cfg.data}: the {cfg.eval_split} split has no samples to evaluate on")
         self.eval_indices, self.eval_mask = shard.eval_shard(len(self.eval), env.rank, env.world_size,
                                                              cfg.batch_size)
-
-    @property
-    def train_samples(self) -> int:
-        """Samples trained on per epoch, over all ranks (the remainder of the permutation is dropped)."""
-        return shard.shard_size(len(self.train), self.env.world_size, self.cfg.batch_size) * self.env.world_size
 
     @property
     def steps_per_epoch(self) -> int:
         return shard.shard_size(len(self.train), self.env.world_size, self.cfg.batch_size) // self.cfg.batch_size
 
     @property
+    def train_samples(self) -> int:
+        """Samples trained on per epoch, over all ranks (the remainder of the permutation is dropped)."""
+        return self.steps_per_epoch * self.cfg.batch_size * self.env.world_size
+
+    @property
     def eval_samples(self) -> int:
         return len(self.eval)
 
     def train_shard(self, epoch: int) -> np.ndarray:
-        return shard.train_shard(len(self.train), self.cfg.seed, epoch, self.env.rank, self.env.world_size,
-                                 self.cfg.batch_size)
+        return samplers.epoch_indices(self.cfg.sampler, self.train.labels, self.cfg.seed, epoch, self.env.rank,
+                                      self.env.world_size, self.cfg.batch_size)
+
+    def _eval_chunks(self, x, y, t):
+        mask = torch.from_numpy(self.eval_mask)
+        for start in range(0, len(mask), self.cfg.batch_size):
+            end = start + self.cfg.batch_size
+            yield x[start:end], y[start:end], t[start:end], mask[start:end]
 
 
 class MemoryPipeline(_Pipeline):
     name = "memory"
 
-    def __init__(self, index, cfg, env):
-        super().__init__(index, cfg, env)
-        self.train_x, self.train_y = self._read_all(self.train, np.arange(len(self.train)))
-        self.eval_x, self.eval_y = self._read_all(self.eval, self.eval_indices)
+    def __init__(self, train, evaluation, cfg, env):
+        super().__init__(train, evaluation, cfg, env)
+        self.train_xyt = self._read_all(self.train, np.arange(len(self.train)))
+        self.eval_xyt = self._read_all(self.eval, self.eval_indices)
 
-    def _read_all(self, source, indices):
-        xs, ys = [], []
-        for x, y in _loader(source, indices, 64, self.cfg.loader_workers):
-            xs.append(x)
-            ys.append(y)
-        return torch.cat(xs), torch.cat(ys)
+    def _read_all(self, split, order):
+        parts = list(_loader(split, order, 64, self.cfg.loader_workers))
+        return tuple(torch.cat([p[k] for p in parts]) for k in range(3))
 
     def train_batches(self, epoch: int):
         rows = torch.from_numpy(self.train_shard(epoch))
         for start in range(0, len(rows), self.cfg.batch_size):
             take = rows[start:start + self.cfg.batch_size]
-            yield self.train_x[take], self.train_y[take]
+            yield tuple(part[take] for part in self.train_xyt)
 
     def eval_batches(self):
-        mask = torch.from_numpy(self.eval_mask)
-        for start in range(0, len(mask), self.cfg.batch_size):
-            end = start + self.cfg.batch_size
-            yield self.eval_x[start:end], self.eval_y[start:end], mask[start:end]
+        yield from self._eval_chunks(*self.eval_xyt)
 
 
-class StreamPipeline(_Pipeline):
-    name = "stream"
+class TorchPipeline(_Pipeline):
+    name = "torch"
 
     def train_batches(self, epoch: int):
         yield from _loader(self.train, self.train_shard(epoch), self.cfg.batch_size, self.cfg.loader_workers)
@@ -146,14 +124,34 @@ class StreamPipeline(_Pipeline):
     def eval_batches(self):
         mask = torch.from_numpy(self.eval_mask)
         loader = _loader(self.eval, self.eval_indices, self.cfg.batch_size, self.cfg.loader_workers)
-        for k, (x, y) in enumerate(loader):
-            yield x, y, mask[k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]
+        for k, (x, y, t) in enumerate(loader):
+            yield x, y, t, mask[k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]
 
 
-PIPELINES = {cls.name: cls for cls in (MemoryPipeline, StreamPipeline)}
+class DaliPipeline(_Pipeline):
+    name = "dali"
+    normalized = True
+
+    def __init__(self, train, evaluation, cfg, env):
+        super().__init__(train, evaluation, cfg, env)
+        from stemdl.dali_loader import DaliBatches
+
+        device_id = int(env.device.split(":")[1]) if env.device.startswith("cuda") else None
+        threads = max(1, cfg.loader_workers)
+        self._train = DaliBatches(train, cfg.batch_size, device_id, num_threads=threads, seed=cfg.seed)
+        self._eval = DaliBatches(evaluation, cfg.batch_size, device_id, num_threads=threads, seed=cfg.seed)
+
+    def train_batches(self, epoch: int):
+        yield from self._train.epoch(self.train_shard(epoch))
+
+    def eval_batches(self):
+        yield from self._eval.epoch(self.eval_indices, self.eval_mask)
 
 
-def build_pipeline(name: str, index, cfg, env):
+PIPELINES = {cls.name: cls for cls in (MemoryPipeline, TorchPipeline, DaliPipeline)}
+
+
+def build_pipeline(name: str, train, evaluation, cfg, env):
     if name not in PIPELINES:
         raise StemdlError(f"config key 'pipeline': {name!r} is not one of {', '.join(PIPELINES)}")
-    return PIPELINES[name](index, cfg, env)
+    return PIPELINES[name](train, evaluation, cfg, env)

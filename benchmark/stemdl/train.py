@@ -31,11 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from stemdl import checkpoint, dist, energy, mlperf, tasks
 from stemdl import config as config_mod
-from stemdl import dist, energy, mlperf
+from stemdl.data import prepare as prepare_mod
 from stemdl.errors import StemdlError
+from stemdl.losses import build_loss
 from stemdl.metrics import ConfusionMatrix
 from stemdl.models import build_model
 from stemdl.pipeline import NUM_CLASSES, build_pipeline
@@ -55,8 +56,11 @@ class Session:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    sampler: energy.PowerSampler
+    power: energy.PowerSampler  # GPU power (NVML), not a data sampler
+    criterion: torch.nn.Module  # tasks.TaskLoss: the space-group loss (stemdl.losses) plus any other heads
+    prepared: prepare_mod.Prepared
     stop: StopSignal | None = None  # None: no signal handling (the run cannot be stopped early)
+    resumed: dict | None = None  # the checkpoint state this run continues from
 
 
 def stop_requested(s: Session) -> bool:
@@ -77,30 +81,6 @@ def next_result_paths(log_dir: Path) -> dict:
             "metrics": Path(f"{stem}.metrics.json")}
 
 
-def _generate(root: Path, preset: str) -> None:
-    from stemdl.synth import generate
-
-    generate.generate(root, generate.preset_config(preset), workers=os.cpu_count() or 1)
-
-
-def ensure_data(cfg) -> Path:
-    """The data folder. A synthetic one (absent, or made by `stemdl synth`) is generated or finished
-    first by rank 0 (the others wait; an error there is raised on every rank)."""
-    root = Path(cfg.data)
-    if cfg.synth_preset and (not root.exists() or (root / "synth.json").exists()):
-        dist.on_root(_generate, root, cfg.synth_preset)
-    if not root.exists():
-        raise StemdlError(f"--data {root}: no such folder")
-    return root
-
-
-def load_index(root: Path):
-    """Rank 0 builds or refreshes the index and broadcasts it: one reader of the file system, not N."""
-    from stemdl.data.index import load_or_build
-
-    return dist.on_root(load_or_build, root)
-
-
 def lr_lambda(cfg, steps_per_epoch: int):
     """Linear warmup over warmup_epochs, then cosine decay to zero at the end of the epoch budget."""
     warm = max(1, round(cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs > 0 else 0
@@ -116,17 +96,23 @@ def lr_lambda(cfg, steps_per_epoch: int):
     return factor
 
 
-def build_model_and_optimizer(cfg, env, steps_per_epoch: int):
+def build_model_and_optimizer(cfg, env, steps_per_epoch: int, criterion: torch.nn.Module):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, NUM_CLASSES, in_channels=3 if cfg.view == "stack" else 1)
+    names = tasks.parse_tasks(cfg.tasks)
+    if len(names) > 1:  # space_group alone keeps the plain model (and its checkpoints' parameter names)
+        model = tasks.MultiTaskHead(model, names)
     device = torch.device(env.device)
     # channels_last pays on GPUs (tensor cores) and on CPUs too (about 1.4x for small_cnn here)
     model = model.to(device, memory_format=torch.channels_last)
     if env.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate(env.world_size),
-                                  weight_decay=cfg.weight_decay)
+    # The loss may learn too (task weights by homoscedastic uncertainty): same optimizer, no weight decay.
+    groups = [{"params": list(model.parameters())}]
+    if any(True for _ in criterion.parameters()):
+        groups.append({"params": list(criterion.parameters()), "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate(env.world_size), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
     return model, optimizer, scheduler
 
@@ -146,7 +132,39 @@ def log_config(log, cfg, env, pipe) -> None:
     log.event(mlperf.TARGET_EVAL_ACCURACY, cfg.target)
 
 
-def setup(cfg, env, sampler) -> Session:
+def build_criterion(cfg, prepared, device) -> torch.nn.Module:
+    """The training loss: the space-group loss chosen by `loss` (weights from the training class counts,
+    the same on every rank), combined with the other heads' losses when `tasks` names more."""
+    class_loss = build_loss(cfg.loss, prepared.class_counts, label_smoothing=cfg.label_smoothing,
+                            focal_gamma=cfg.focal_gamma, cb_beta=cfg.cb_beta, la_tau=cfg.la_tau,
+                            drw_epoch=cfg.drw_epoch, epochs=cfg.epochs)
+    names = tasks.parse_tasks(cfg.tasks)
+    criterion = tasks.TaskLoss(names, cfg.task_weighting,
+                               tasks.parse_task_weights(cfg.task_weights, names, cfg.task_weighting),
+                               lattice=lattice_scale(cfg, prepared), classification_loss=class_loss)
+    return criterion.to(device)
+
+
+def lattice_scale(cfg, prepared) -> tasks.LatticeScale | None:
+    """Mean and std of the training lattices, which the lattice head predicts standardized."""
+    if "lattice" not in tasks.parse_tasks(cfg.tasks):
+        return None
+    return tasks.LatticeScale.from_lattices(prepared.train.targets)
+
+
+def as_outputs(outputs) -> dict:
+    """The model's outputs by task: a plain model gives the space-group logits alone."""
+    return outputs if isinstance(outputs, dict) else {"space_group": outputs}
+
+
+def resume_state(cfg, env, where) -> dict | None:
+    if where is None:
+        return None
+    path = checkpoint.resolve(where)
+    return {**checkpoint.load(path, cfg.to_dict(), env.world_size), "path": str(path)}
+
+
+def setup(cfg, env, power, resume=None) -> Session:
     if env.device == "cpu":  # ranks on one node share its cores; more threads than cores only thrash
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     paths = next_result_paths(Path(cfg.log_dir)) if env.is_root else {}
@@ -155,17 +173,29 @@ def setup(cfg, env, sampler) -> Session:
     # Only the closed target makes a closed run; any other target is an open-division run.
     division = cfg.submission_division or (None if cfg.target == config_mod.CLOSED_TARGET else "open")
     log.submission_info(cfg.submission_org, division, cfg.submission_status, cfg.submission_platform)
-    root = ensure_data(cfg)
+    prepare_mod.ensure_data(cfg)  # generating a synthetic set is not part of the benchmark's init
     log.cache_clear()
     log.start(mlperf.INIT_START)
-    pipe = build_pipeline(cfg.pipeline, load_index(root), cfg, env)
-    model, optimizer, scheduler = build_model_and_optimizer(cfg, env, pipe.steps_per_epoch)
+    state = resume_state(cfg, env, resume)
+    prepared = prepare_mod.prepare(cfg, env, log)
+    try:
+        pipe = build_pipeline(cfg.pipeline, prepared.train, prepared.eval, cfg, env)
+        criterion = build_criterion(cfg, prepared, torch.device(env.device))
+        model, optimizer, scheduler = build_model_and_optimizer(cfg, env, pipe.steps_per_epoch, criterion)
+    except BaseException:
+        prepare_mod.cleanup(prepared, cfg.keep_staged)
+        raise
+    if state is not None:
+        checkpoint.restore(state, model=model, optimizer=optimizer, scheduler=scheduler)
+        criterion.load_state_dict(state["criterion"])
+        log.event(mlperf.RESUMED_FROM_CHECKPOINT, state["path"], metadata={"epoch_num": state["epoch"]})
     log_config(log, cfg, env, pipe)
     if env.is_root:
         paths["config"].write_text(config_mod.describe(cfg) + "\n")
     synchronize(env)
     log.end(mlperf.INIT_STOP)
-    return Session(cfg, env, log, paths, pipe, model, optimizer, scheduler, sampler)
+    return Session(cfg, env, log, paths, pipe, model, optimizer, scheduler, power, criterion, prepared,
+                   resumed=state)
 
 
 def synchronize(env) -> None:
@@ -178,7 +208,8 @@ def synchronize(env) -> None:
 
 
 def to_input(x: torch.Tensor, s: Session) -> torch.Tensor:
-    x = normalize(x.to(s.env.device, non_blocking=True).float())
+    x = x.to(s.env.device, non_blocking=True)
+    x = x if s.pipe.normalized else normalize(x)
     return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -202,15 +233,17 @@ def train_epoch(s: Session, epoch: int) -> dict | None:
     s.model.train()
     generator = torch.Generator().manual_seed(s.cfg.seed * 100003 + epoch * 1009 + s.env.rank)
     total, count, start = 0.0, 0, time.perf_counter()
-    for x, y in s.pipe.train_batches(epoch):
+    for x, y, t in s.pipe.train_batches(epoch):
         if stop_requested(s):
             return None
         x = augment(training_view(to_input(x, s), s.cfg.view, generator), s.cfg.augment, generator)
-        y = y.to(s.env.device, non_blocking=True)
+        y, t = y.to(s.env.device, non_blocking=True), t.to(s.env.device, non_blocking=True)
         with autocast(s):
-            loss = F.cross_entropy(s.model(x), y, label_smoothing=s.cfg.label_smoothing)
+            outputs = s.model(x)
+        loss, _ = s.criterion(as_outputs(outputs), tasks.targets(y, t, s.criterion.tasks), epoch)
         s.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        s.criterion.average_gradients()  # learned task weights: DDP does not see them
         s.optimizer.step()
         s.scheduler.step()
         total += float(loss.detach()) * len(y)
@@ -220,19 +253,25 @@ def train_epoch(s: Session, epoch: int) -> dict | None:
 
 
 @torch.no_grad()
-def evaluate(s: Session) -> ConfusionMatrix | None:
-    """The confusion matrix over the whole validation split; None when a signal stopped it."""
+def evaluate(s: Session) -> tuple[ConfusionMatrix, object] | None:
+    """The confusion matrix over the whole validation split and the other heads' metrics; None when a
+    signal stopped it."""
     s.model.eval()
     cm = ConfusionMatrix(NUM_CLASSES, device=s.env.device)
-    for x, y, mask in s.pipe.eval_batches():
+    names = s.criterion.tasks
+    extra = tasks.TaskMetrics(names, lattice_scale(s.cfg, s.prepared), device=s.env.device)
+    for x, y, t, mask in s.pipe.eval_batches():
         if stop_requested(s):
             return None
         views = eval_views(to_input(x, s), s.cfg.view)
+        y, t, mask = y.to(s.env.device), t.to(s.env.device), mask.to(s.env.device)
         with autocast(s):
-            logits = sum(s.model(v).float() for v in views) / len(views)
-        cm.update(y.to(s.env.device), logits.argmax(dim=1), mask.to(s.env.device))
+            outputs = tasks.average_outputs([as_outputs(s.model(v)) for v in views])
+        cm.update(y, outputs["space_group"].argmax(dim=1), mask)
+        extra.update(outputs, tasks.targets(y, t, names), mask)
     cm.all_reduce()
-    return cm
+    extra.all_reduce()
+    return cm, extra
 
 
 def epoch_line(epoch: int, s: Session, stats: dict, cm: ConfusionMatrix | None, elapsed: float) -> str:
@@ -244,17 +283,36 @@ def epoch_line(epoch: int, s: Session, stats: dict, cm: ConfusionMatrix | None, 
     return text + f", {elapsed / 60:.2f} min"
 
 
+def history_entry(epoch: int, stats: dict, cm: ConfusionMatrix, extra) -> dict:
+    return {"epoch": epoch, **stats, "macro_f1": cm.macro_f1(), "weighted_f1": cm.weighted_f1(),
+            "top1": cm.accuracy(), **extra.results()}
+
+
+def save_checkpoint(s: Session, epoch: int, history: list) -> None:
+    """Every checkpoint_every epochs (rank 0 writes; after the evaluation, so history is complete)."""
+    if not s.cfg.checkpoint_every or epoch % s.cfg.checkpoint_every or not s.env.is_root:
+        return
+    path = checkpoint.save(Path(s.cfg.checkpoint_dir), epoch, model=s.model, optimizer=s.optimizer,
+                           scheduler=s.scheduler, history=history, config=s.cfg.to_dict(),
+                           world_size=s.env.world_size, keep=s.cfg.checkpoint_keep,
+                           extra={"criterion": s.criterion.state_dict()})
+    print(f"stemdl run: checkpoint {path}", file=sys.stderr, flush=True)
+
+
 def timed_run(s: Session) -> dict | None:
     """The run's result; None when a signal came before run_start (nothing logged then)."""
-    history, status, cm, final, reason = [], "aborted", None, None, None
+    first = 1 + (s.resumed["epoch"] if s.resumed else 0)
+    history = list(s.resumed["history"]) if s.resumed else []
+    status, final, reason, epoch = "aborted", None, None, first - 1
+    prior_minutes = history[-1].get("elapsed_min", 0.0) if history else 0.0
     synchronize(s.env)
     if stop_requested(s):
         s.stop.reason()
         return None
     s.log.start(mlperf.RUN_START)
-    s.sampler.mark(mlperf.RUN_START)
+    s.power.mark(mlperf.RUN_START)
     start = time.time()
-    for epoch in range(1, s.cfg.epochs + 1):
+    for epoch in range(first, s.cfg.epochs + 1):
         s.log.start(mlperf.EPOCH_START, metadata={"epoch_num": epoch})
         stats = train_epoch(s, epoch)
         if stats is None:  # stopped inside the epoch: no epoch_stop (the rules allow that)
@@ -264,22 +322,27 @@ def timed_run(s: Session) -> dict | None:
         cm = None
         if epoch % s.cfg.eval_every == 0 or epoch == s.cfg.epochs:
             s.log.start(mlperf.EVAL_START, metadata={"epoch_num": epoch})
-            cm = evaluate(s)
-            if cm is None:  # stopped inside the evaluation: no eval_stop
+            evaluated = evaluate(s)
+            if evaluated is None:  # stopped inside the evaluation: no eval_stop
                 reason = s.stop.reason()
                 break
+            cm, extra = evaluated
             final = cm
             s.log.log_eval(epoch, cm.macro_f1(), cm.weighted_f1(), cm.accuracy())
             s.log.end(mlperf.EVAL_STOP, metadata={"epoch_num": epoch})
-            history.append({"epoch": epoch, **stats, "macro_f1": cm.macro_f1(),
-                            "weighted_f1": cm.weighted_f1(), "top1": cm.accuracy()})
+            history.append({**history_entry(epoch, stats, cm, extra),
+                            "elapsed_min": prior_minutes + (time.time() - start) / 60})
         if s.env.is_root:
             print(epoch_line(epoch, s, stats, cm, time.time() - start), flush=True)
+        save_checkpoint(s, epoch, history)
         if cm is not None and cm.macro_f1() >= s.cfg.target:
             status = "success"
-            break
+            if s.cfg.stop_at_target:
+                break
+        elif cm is not None:
+            status = "aborted"  # without stop_at_target: success means the last evaluation is on target
     synchronize(s.env)
-    s.sampler.mark(mlperf.RUN_STOP)
+    s.power.mark(mlperf.RUN_STOP)
     if reason is None:
         s.log.run_stop(status)
     else:
@@ -292,9 +355,9 @@ def timed_run(s: Session) -> dict | None:
 def log_energy(s: Session) -> None:
     """After the clock: each node's first rank writes its power log beside the result, and rank 0 logs
     the GPU energy of run_start..run_stop summed over the nodes (nothing without NVML)."""
-    joules = s.sampler.energy_joules()
+    joules = s.power.energy_joules()
     energy.log_power(s.paths["log"].parent / "power" / s.paths["log"].stem / f"node_{s.env.node_rank}.txt",
-                     s.sampler, s.env.node_rank)
+                     s.power, s.env.node_rank)
     total = torch.tensor([joules or 0.0, 1.0 if joules is not None else 0.0], dtype=torch.float64)
     dist.all_reduce_sum(total)
     if total[1] > 0:
@@ -312,6 +375,10 @@ def report(s: Session, result: dict) -> bool:
                "history": result["history"], "final": final.to_json() if final is not None else None}
     if result.get("interrupted"):
         metrics["interrupted"] = result["interrupted"]
+    if s.resumed:
+        metrics["resumed_from"] = {"checkpoint": s.resumed["path"], "epoch": s.resumed["epoch"]}
+    if s.prepared.skipped:
+        metrics["bad_samples_skipped"] = s.prepared.skipped
     tmp = s.paths["metrics"].with_name(s.paths["metrics"].name + ".partial")
     tmp.write_text(json.dumps(metrics, indent=1) + "\n")
     os.replace(tmp, s.paths["metrics"])
@@ -323,6 +390,10 @@ def report(s: Session, result: dict) -> bool:
     from stemdl.check import check_log
 
     s.log.close()
+    if s.resumed:  # the rules reject resumed_from_checkpoint: saying "FAILED" would only confuse
+        print(f"stemdl: resumed from {s.resumed['path']} (epoch {s.resumed['epoch']}): the log is marked so and "
+              f"is not a compliant timed run", flush=True)
+        return True
     ok, messages = check_log(s.paths["log"])
     print(f"stemdl: compliance check of {s.paths['log']}: {'PASSED' if ok else 'FAILED'}", flush=True)
     for message in messages if not ok else []:
@@ -343,13 +414,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="epoch budget")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key (YAML value), e.g. --set batch_size=64")
+    parser.add_argument("--stage-dir", help="node-local folder ($TMPDIR, /dev/shm) to copy converted shards to "
+                                            "during init, outside the clock")
+    parser.add_argument("--keep-staged", action="store_true", default=None,
+                        help="leave the staged copy in place at exit")
+    parser.add_argument("--skip-bad", action="store_true", default=None,
+                        help="leave out bad samples (counted and logged) instead of refusing to run; refuses "
+                             "above max_bad (1 %% by default)")
+    parser.add_argument("--resume", metavar="CHECKPOINT",
+                        help="continue from a checkpoint file, or the newest in a folder (not a compliant run)")
 
 
 def overrides(args: argparse.Namespace) -> dict:
     import yaml
 
     values = {"log_dir": args.log_dir, "data": args.data, "seed": args.seed, "target": args.target,
-              "epochs": args.epochs}
+              "epochs": args.epochs, "stage_dir": args.stage_dir, "keep_staged": args.keep_staged,
+              "skip_bad": args.skip_bad}
     if args.data is not None:  # the user's own folder: never fill a mistyped path with synthetic data
         values["synth_preset"] = ""  # (None would mean "not given" and keep the preset's)
     for item in args.set:
@@ -363,17 +444,18 @@ def overrides(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     cfg = config_mod.load_config(args.config, overrides(args))
     env = dist.setup()
-    sampler = energy.PowerSampler(env=env)  # GPU power on each node's first rank (NVML)
+    power = energy.PowerSampler(env=env)  # GPU power on each node's first rank (NVML)
     stop = StopSignal(env)
+    session = None
     try:
         stop.install()
         if env.is_root:
             print(f"stemdl run: {env.world_size} rank(s) on {env.number_of_nodes} node(s), {env.device}; "
                   f"config:\n{config_mod.describe(cfg)}", file=sys.stderr, flush=True)
-        message = sampler.start()
+        message = power.start()
         if message and env.is_root:
             print(f"stemdl run: {message}", file=sys.stderr, flush=True)
-        session = setup(cfg, env, sampler)
+        session = setup(cfg, env, power, resume=args.resume)
         session.stop = stop
         stop.defer()
         result = timed_run(session)
@@ -398,6 +480,8 @@ def run(args: argparse.Namespace) -> int:
         compliant = True
     finally:
         stop.uninstall()
-        sampler.stop()
+        power.stop()
+        if session is not None:
+            prepare_mod.cleanup(session.prepared, cfg.keep_staged)
         dist.teardown()
     return stop.exit_status() or (0 if compliant else 1)

@@ -1,0 +1,166 @@
+"""Everything the timed run does to its data during init, before the clock: find, check, stage, split.
+
+    prepared = prepare(cfg, env, log)        # collective: every rank calls it
+    prepared.train, prepared.eval            # splits for stemdl.pipeline (see stemdl.data.source)
+    cleanup(prepared)                        # in `finally`: removes the staged copy (unless keep_staged)
+
+Raw HDF5 (`--data` in the public layout): rank 0 builds or refreshes the index and broadcasts it; sample
+names found in two files of a split are refused; then the ranks screen the samples they will read (each
+a disjoint slice of the files: attributes, and pixels unless `screen_pixels: false`) so a NaN or a
+truncated file stops the run here, named, and not an hour into the clock. `skip_bad` leaves the bad
+samples out instead (counted, logged as `bad_samples_skipped`), up to `max_bad` of them.
+
+Converted shards (`stemdl convert`): the manifest is checked against the run's preprocessing, every file
+against its manifest entry (`verify_shards`: size, or sha256 split over the ranks), and with `stage_dir`
+the files are copied to node-local storage (logged as staging_start / staging_stop with the bytes moved).
+Every node stages all the files of both splits (each epoch's permutation is global).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stemdl import dist, mlperf
+from stemdl.errors import StemdlError
+
+
+@dataclass
+class Prepared:
+    train: object
+    eval: object
+    kind: str  # "hdf5" or "shards"
+    class_counts: np.ndarray  # training samples per class index (230,)
+    skipped: int = 0
+    staged: object = None  # stemdl.staging.Staged, or None
+
+
+def _generate(root: Path, preset: str) -> None:
+    from stemdl.synth import generate
+
+    generate.generate(root, generate.preset_config(preset), workers=os.cpu_count() or 1)
+
+
+def ensure_data(cfg) -> Path:
+    """The data folder. A synthetic one (absent, or made by `stemdl synth`) is generated or finished
+    first by rank 0 (the others wait; an error there is raised on every rank)."""
+    root = Path(cfg.data)
+    if cfg.synth_preset and (not root.exists() or (root / "synth.json").exists()):
+        dist.on_root(_generate, root, cfg.synth_preset)
+    if not root.exists():
+        raise StemdlError(f"--data {root}: no such folder")
+    return root
+
+
+def prepare(cfg, env, log) -> Prepared:
+    from stemdl.data.shards import is_shard_dir
+
+    root = ensure_data(cfg)
+    prepared = _shards(root, cfg, env, log) if is_shard_dir(root) else _raw(root, cfg, env, log)
+    counts = np.bincount(prepared.train.labels, minlength=230)
+    prepared.class_counts = counts
+    return prepared
+
+
+# ---- raw HDF5 ---------------------------------------------------------------------------------------------
+
+def _raw(root: Path, cfg, env, log) -> Prepared:
+    from stemdl.data import screen
+    from stemdl.data.index import load_or_build
+    from stemdl.data.source import raw_splits
+
+    index = dist.on_root(load_or_build, root)  # one reader of the file system, not N
+    rows = np.concatenate([index.select(cfg.train_split), index.select(cfg.eval_split)])
+    # Every rank screens a slice of the files; all get the same verdict (so all raise, or none).
+    result = screen.screen_distributed(index, rows, pixels=cfg.screen_pixels, rank=env.rank,
+                                       world_size=env.world_size, quiet=not env.is_root,
+                                       workers=max(1, (os.cpu_count() or 1) // env.local_world_size))
+    mask = screen.decide(result, len(rows), cfg.skip_bad, cfg.max_bad)
+    keep = np.zeros(len(index), dtype=bool)
+    keep[rows[mask]] = True
+    skipped = result.count()
+    if cfg.skip_bad:
+        log.event(mlperf.BAD_SAMPLES_SKIPPED, skipped)
+        if skipped and env.is_root:
+            print(f"stemdl run: leaving out {skipped} bad sample(s) of {len(rows)} (--skip-bad):", file=sys.stderr)
+            for line in result.lines()[:10]:
+                print(f"  {line}", file=sys.stderr)
+    train, evaluation = raw_splits(index, cfg, keep)
+    return Prepared(train, evaluation, "hdf5", np.empty(0), skipped)
+
+
+# ---- converted shards -------------------------------------------------------------------------------------
+
+def _shards(root: Path, cfg, env, log) -> Prepared:
+    from stemdl.data.shards import ShardSet
+
+    shards = ShardSet.open(root, verify="none")
+    _check_preprocessing(root, shards.preprocess, cfg)
+    for name in (cfg.train_split, cfg.eval_split):
+        shards.split(name)  # a missing split is named before anything is copied
+    needed = _run_files(shards, cfg)
+    staged = None
+    if cfg.stage_dir:
+        staged = _stage(shards, needed, cfg, env, log)
+        shards = shards.with_root(staged.root)
+    elif cfg.verify_shards != "none":
+        _verify(shards, needed, cfg.verify_shards, env)
+    return Prepared(shards.split(cfg.train_split), shards.split(cfg.eval_split), "shards", np.empty(0), 0, staged)
+
+
+def _check_preprocessing(root: Path, stored: dict, cfg) -> None:
+    wanted = {"size": cfg.image_size, "floor": cfg.log_floor, "ceiling": cfg.log_ceiling}
+    for key, value in wanted.items():
+        if not np.isclose(float(stored.get(key, float("nan"))), float(value)):
+            config_key = {"size": "image_size", "floor": "log_floor", "ceiling": "log_ceiling"}[key]
+            raise StemdlError(f"{root}: shards were converted with {key} {stored.get(key)}, the run asks for "
+                              f"{config_key} {value} (convert again, or --set {config_key}={stored.get(key)})")
+
+
+def _run_files(shards, cfg) -> list:
+    """The manifest entries (path, bytes, sha256) of the files the run reads: all of both splits. Every
+    node needs every training shard (each epoch's permutation is global) and, being small, the whole
+    validation split is staged too rather than only the blocks of the node's ranks."""
+    wanted = {cfg.train_split, cfg.eval_split}
+    return [tuple(entry) for name, split in shards.manifest["splits"].items() if name in wanted
+            for shard_entry in split["shards"] for entry in
+            ((meta["path"], int(meta["bytes"]), meta.get("sha256")) for meta in shard_entry["files"].values())]
+
+
+def _stage(shards, entries, cfg, env, log):
+    from stemdl import staging
+
+    tag = dist.broadcast_object(staging.new_job_tag())
+    log.start(mlperf.STAGING_START)
+    staged = staging.stage(shards.root, entries, Path(cfg.stage_dir), tag,
+                           verify=cfg.verify_shards == "checksum", keep=bool(cfg.keep_staged))
+    log.end(mlperf.STAGING_STOP, metadata={"bytes": staged.total_bytes, "files": staged.total_files,
+                                           "nodes": env.number_of_nodes, "stage_dir": str(cfg.stage_dir)})
+    return staged
+
+
+def _verify(shards, entries, how: str, env) -> None:
+    """Every rank checks a slice of the files (a sha256 of a 9 GB set split over the ranks); a mismatch
+    anywhere stops every rank with the same line."""
+    from stemdl.data.shards import verify_files
+
+    mine = entries[env.rank::env.world_size] if how == "checksum" else entries
+    problem = None
+    try:
+        verify_files(shards.root, mine, how)
+    except StemdlError as exc:
+        problem = str(exc)
+    problems = [p for p in dist.allgather_object(problem) if p]
+    if problems:
+        raise StemdlError(problems[0])
+
+
+def cleanup(prepared: Prepared | None, keep: bool) -> None:
+    if prepared is not None and prepared.staged is not None and not keep:
+        from stemdl import staging
+
+        staging.cleanup(prepared.staged)

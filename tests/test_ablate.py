@@ -1,0 +1,68 @@
+"""`stemdl ablate`: each study end to end on the tiny set (tiny budgets), and its arithmetic."""
+
+import json
+
+import numpy as np
+import pytest
+
+from stemdl.ablate import ensemble_seeds, mean_rows, summarize_run, tail_classes
+from stemdl.cli import main
+
+
+def ablate(tiny_data, out, *args) -> dict:
+    assert main(["ablate", *args, "--out", str(out), "--config", "smoke", "--data", str(tiny_data),
+                 "--set", "epochs=1"]) == 0
+    return json.loads((out / "ablation.json").read_text())
+
+
+def test_imbalance_study_runs_each_method_and_the_ensemble_and_resumes(tiny_data, tmp_path):
+    out = tmp_path / "imb"
+    result = ablate(tiny_data, out, "imbalance", "--methods", "ce,logit_adjusted", "--ensemble", "2")
+    assert list(result["rows"]) == ["ce", "logit_adjusted", "ensemble (2 x ce)"]
+    assert result["config"]["members"] == [0, 1]
+    for row in result["rows"].values():
+        assert 0.0 <= row["macro_f1"] <= 1.0 and 0.0 <= row["top1"] <= 1.0
+    md = (out / "ablation.md").read_text()
+    assert "| logit_adjusted |" in md and "tail macro F1" in md
+    logs = sorted(out.glob("runs/*/seed_*/result_*.txt"))
+    assert len(logs) == 3  # ce seeds 0 and 1 (ensemble members), logit_adjusted seed 0
+    stamps = [p.stat().st_mtime_ns for p in logs]
+    ablate(tiny_data, out, "imbalance", "--methods", "ce,logit_adjusted", "--ensemble", "2")
+    assert [p.stat().st_mtime_ns for p in sorted(out.glob("runs/*/seed_*/result_*.txt"))] == stamps, \
+        "finished methods are not run again"
+
+
+def test_multitask_study_reports_the_extra_heads(tiny_data, tmp_path):
+    result = ablate(tiny_data, tmp_path / "mt", "multitask", "--methods", "space_group,heads_learned")
+    assert "lattice_mae_a" not in result["rows"]["space_group"]
+    assert result["rows"]["heads_learned"]["lattice_mae_a"] > 0
+    assert 0 <= result["rows"]["heads_learned"]["crystal_system_accuracy"] <= 1
+
+
+def test_bad_arguments_are_one_line(tiny_data, tmp_path, capsys):
+    assert main(["ablate", "imbalance", "--out", str(tmp_path), "--methods", "ce,magic"]) == 2
+    assert "--methods: 'magic'" in capsys.readouterr().err
+    assert main(["ablate", "imbalance", "--out", str(tmp_path), "--seeds", "a"]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert main(["ablate", "imbalance", "--out", str(tmp_path), "--set", "lossy=1"]) == 2
+    assert "unknown config key 'lossy'" in capsys.readouterr().err
+
+
+def test_tail_classes_and_ensemble_seeds():
+    counts = np.zeros(230, dtype=np.int64)
+    counts[[0, 13, 61, 224]] = [100, 50, 10, 5]
+    assert tail_classes(counts).tolist() == [61, 224]  # median 30
+    assert ensemble_seeds([0], 3) == [0, 1, 2]
+    assert ensemble_seeds([5, 2], 3) == [5, 2, 6]
+    assert ensemble_seeds([0, 1], 1) == []
+
+
+def test_summary_of_a_run_and_mean_over_seeds():
+    final = {"macro_f1": 0.5, "weighted_f1": 0.6, "accuracy": 0.7,
+             "per_class": [{"class": 0, "f1": 1.0}, {"class": 61, "f1": 0.25}, {"class": 224, "f1": 0.75}]}
+    history = [{"epoch": 1, "macro_f1": 0.3, "elapsed_min": 1.0}, {"epoch": 2, "macro_f1": 0.95, "elapsed_min": 2.0}]
+    row = summarize_run({"final": final, "history": history}, np.array([61, 224]), 0.9)
+    assert row["tail_macro_f1"] == 0.5 and row["minutes_to_target"] == 2.0 and row["minutes"] == 2.0
+    other = {**row, "macro_f1": 0.7, "minutes_to_target": None, "epochs_to_target": None}
+    mean = mean_rows([row, other])
+    assert mean["macro_f1"] == pytest.approx(0.6) and mean["minutes_to_target"] == 2.0 and mean["reached"] == "1/2"

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 from stemdl.check import check_log
-from test_run import mpiexec, tiny_data  # noqa: F401 (a fixture)
+from test_run import mpiexec
 
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
 RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 
-def stemdl_run(tiny_data, log_dir, *launcher) -> subprocess.Popen:  # noqa: F811
+def stemdl_run(tiny_data, log_dir, *launcher, extra=()) -> subprocess.Popen:
     # 200 epochs: the run never ends by itself within the test (an epoch of the smoke preset takes ms)
     return subprocess.Popen([*launcher, sys.executable, "-m", "stemdl", "run", "--config", "smoke",
-                             "--data", str(tiny_data), "--epochs", "200", "--log-dir", str(log_dir)],
+                             "--data", str(tiny_data), "--epochs", "200", "--log-dir", str(log_dir), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
@@ -97,7 +97,7 @@ def assert_stopped(proc, log_dir: Path, reason: str, status: int | None) -> str:
 
 @pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (install the 'mpi' extra)")
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
-def test_sigterm_on_one_of_two_ranks_stops_both_with_an_aborted_log(tiny_data, tmp_path):  # noqa: F811
+def test_sigterm_on_one_of_two_ranks_stops_both_with_an_aborted_log(tiny_data, tmp_path):
     log_dir = tmp_path / "runs"
     proc = stemdl_run(tiny_data, log_dir, mpiexec(), "-n", "2")
     wait_for_key(proc, log_dir, "eval_accuracy")
@@ -106,7 +106,7 @@ def test_sigterm_on_one_of_two_ranks_stops_both_with_an_aborted_log(tiny_data, t
     assert out.count("time to F1") == 1
 
 
-def test_sigint_stops_a_single_process_run_with_status_130(tiny_data, tmp_path):  # noqa: F811
+def test_sigint_stops_a_single_process_run_with_status_130(tiny_data, tmp_path):
     log_dir = tmp_path / "runs"
     proc = stemdl_run(tiny_data, log_dir)
     wait_for_key(proc, log_dir, "eval_accuracy")
@@ -114,7 +114,7 @@ def test_sigint_stops_a_single_process_run_with_status_130(tiny_data, tmp_path):
     assert_stopped(proc, log_dir, "SIGINT on rank 0", 128 + signal.SIGINT)
 
 
-def test_sigterm_during_setup_stops_without_a_traceback(tiny_data, tmp_path):  # noqa: F811
+def test_sigterm_during_setup_stops_without_a_traceback(tiny_data, tmp_path):
     log_dir = tmp_path / "runs"
     proc = stemdl_run(tiny_data, log_dir)
     # the first line comes after the handlers are installed, before the log and the pipeline exist
@@ -132,7 +132,7 @@ def test_sigterm_during_setup_stops_without_a_traceback(tiny_data, tmp_path):  #
 
 @pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (install the 'mpi' extra)")
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
-def test_a_killed_rank_ends_the_job_without_a_hang(tiny_data, tmp_path):  # noqa: F811
+def test_a_killed_rank_ends_the_job_without_a_hang(tiny_data, tmp_path):
     # kill -9 cannot be caught: the launcher must notice the dead rank and end the other (no hang in a
     # collective until its timeout). The log stays as far as it got, without run_stop.
     log_dir = tmp_path / "runs"
@@ -143,3 +143,19 @@ def test_a_killed_rank_ends_the_job_without_a_hang(tiny_data, tmp_path):  # noqa
     proc.communicate(timeout=60)
     assert proc.returncode != 0 and time.monotonic() - killed < 30
     assert '"key": "run_stop"' not in (log_dir / "result_0.txt").read_text()
+
+
+@pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (install the 'mpi' extra)")
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
+def test_sigterm_removes_the_node_local_staged_copy(tiny_data, tmp_path):
+    from stemdl.cli import main
+
+    shards, stage, log_dir = tmp_path / "shards", tmp_path / "stage", tmp_path / "runs"
+    assert main(["convert", str(tiny_data), str(shards), "--size", "32", "--workers", "1", "--quiet"]) == 0
+    stage.mkdir()
+    proc = stemdl_run(shards, log_dir, mpiexec(), "-n", "2", extra=("--stage-dir", str(stage)))
+    wait_for_key(proc, log_dir, "eval_accuracy")
+    assert len(list(stage.iterdir())) == 1, "staged during init"
+    os.kill(rank_pid(proc.pid, 1), signal.SIGTERM)
+    assert_stopped(proc, log_dir, "SIGTERM on rank 1", None)
+    assert list(stage.iterdir()) == [], "a stopped run removes what it staged"

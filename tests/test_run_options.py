@@ -210,3 +210,39 @@ def test_two_ranks_stage_once_per_node_and_train_on_shards(shards, tmp_path):
     assert staging_stop(log)["bytes"] == sum(p.stat().st_size for p in run_files(shards)), "once per node"
     assert check_log(log)[0]
     assert list(stage.iterdir()) == []
+
+
+def test_node_scope_splits_the_shards_between_nodes_by_bytes(shards):
+    from dataclasses import dataclass
+
+    from stemdl import dist
+    from stemdl.data.prepare import node_scope
+    from stemdl.data.shards import ShardSet
+
+    @dataclass(frozen=True)
+    class TwoNodes:  # what one rank of node `node_rank` of a 2-node job sees (no second node here)
+        node_rank: int
+        number_of_nodes: int = 2
+        local_world_size: int = 1
+
+    train = ShardSet.open(shards).split("train")
+    sizes = [int(sh["files"]["images"]["bytes"]) for sh in train.shards]
+    dist.setup(timeout_s=30)
+    try:
+        scopes = [node_scope(train.shard_of, sizes, TwoNodes(n)) for n in (0, 1)]
+    finally:
+        dist.teardown()
+    (first, mine0), (second, mine1) = scopes
+    assert sorted(mine0 + mine1) == list(range(len(sizes))) and not set(mine0) & set(mine1)
+    assert set(first.rows) == set(np.flatnonzero(np.isin(train.shard_of, mine0)))
+    assert sorted(np.concatenate([first.rows, second.rows]).tolist()) == list(range(len(train)))
+
+
+def test_a_node_scoped_run_stages_only_its_part(shards, tmp_path):
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    result = run(shards, tmp_path / "runs", "--stage-dir", str(stage), "--set", "shard_scope=node")
+    assert check_log(result["log"])[0]
+    assert staging_stop(result["log"])["files"] == len(run_files(shards)), "one node: all of it is its part"
+    assert main(["run", "--config", "smoke", "--data", str(shards), "--log-dir", str(tmp_path / "r2"),
+                 "--set", "shard_scope=node", "--set", "sampler=balanced"]) == 2

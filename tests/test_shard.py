@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stemdl.data.shard import epoch_permutation, eval_shard, shard_size, train_shard
+from stemdl.data.shard import epoch_permutation, eval_shard, node_train_shard, shard_size, train_shard
 from stemdl.errors import StemdlError
 
 sizes = st.integers(0, 5000)
@@ -99,3 +99,22 @@ def test_every_sample_lands_in_exactly_one_shard_when_the_set_divides(rounds, wo
     n = rounds * world * batch
     union = np.concatenate([train_shard(n, seed, epoch, rank, world, batch) for rank in range(world)])
     assert np.array_equal(np.sort(union), np.arange(n))
+
+
+def test_node_scope_keeps_each_node_in_its_own_samples_with_equal_steps():
+    # two nodes of 2 ranks, owning 11 and 9 samples: every node uses 9 per epoch, rotating its own
+    owned = {0: np.arange(0, 11), 1: np.arange(11, 20)}
+    for epoch in (1, 2):
+        seen = {}
+        for node, rows in owned.items():
+            for local in range(2):
+                picked = rows[node_train_shard(len(rows), 9, 7, epoch, node, local, 2, 2)]
+                assert len(picked) == 4 and set(picked) <= set(rows)
+                seen[node, local] = picked
+        everything = np.concatenate(list(seen.values()))
+        assert len(set(everything.tolist())) == len(everything), "no sample twice in an epoch"
+    first = node_train_shard(11, 9, 7, 1, 0, 0, 2, 2)
+    assert not np.array_equal(first, node_train_shard(11, 9, 7, 2, 0, 0, 2, 2)), "a new order every epoch"
+    assert not np.array_equal(first, node_train_shard(11, 9, 7, 1, 1, 0, 2, 2)), "each node its own order"
+    with pytest.raises(StemdlError, match="per node give no full batches"):
+        node_train_shard(3, 3, 0, 1, 0, 0, 2, 2)

@@ -39,6 +39,7 @@ class RunConfig:
     eval_split: str = "dev"
     pipeline: str = "memory"  # input pipeline: memory | torch | dali (see stemdl.pipeline.PIPELINES)
     loader_workers: int = 2
+    shard_scope: str = "global"  # global: one permutation over all samples; node: each node reads only its part
     stage_dir: str | None = None  # node-local folder to copy converted shards to during init ($TMPDIR, /dev/shm)
     keep_staged: bool = False  # leave the staged copy in place at exit (a persistent burst buffer)
     verify_shards: str = "size"  # none | size | checksum: check converted shards against their manifest
@@ -165,6 +166,9 @@ def check(cfg: RunConfig) -> None:
         (cfg.base_lr > 0 and cfg.weight_decay >= 0, "base_lr", "base_lr > 0 and weight_decay >= 0"),
         (0 < cfg.log_floor < cfg.log_ceiling, "log_floor", "0 < log_floor < log_ceiling"),
         (cfg.verify_shards in ("none", "size", "checksum"), "verify_shards", "must be none, size or checksum"),
+        (cfg.shard_scope in ("global", "node"), "shard_scope", "must be global or node"),
+        (cfg.shard_scope == "global" or cfg.sampler == "uniform", "shard_scope",
+         "node scope draws from each node's own samples: use sampler uniform"),
         (0.0 <= cfg.max_bad < 1.0, "max_bad", "must be in [0, 1)"),
         (cfg.checkpoint_every >= 0 and cfg.checkpoint_keep >= 1, "checkpoint_every",
          "checkpoint_every >= 0 and checkpoint_keep >= 1"),

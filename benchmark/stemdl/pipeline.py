@@ -25,11 +25,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dataclasses import dataclass
+
 from stemdl import samplers
 from stemdl.data import shard
 from stemdl.errors import StemdlError
 
 NUM_CLASSES = 230
+
+
+@dataclass(frozen=True)
+class NodeScope:
+    """`shard_scope: node`: the training positions this node owns, and how many of them every node uses
+    per epoch (the smallest node's count)."""
+
+    rows: np.ndarray
+    common: int
 
 
 class BatchReads(torch.utils.data.Dataset):
@@ -58,12 +69,13 @@ class _Pipeline:
     name = ""
     normalized = False  # True: x is already normalized float32 (stemdl.preprocess.normalize)
 
-    def __init__(self, train, evaluation, cfg, env):
-        self.cfg, self.env = cfg, env
+    def __init__(self, train, evaluation, cfg, env, scope: NodeScope | None = None):
+        self.cfg, self.env, self.scope = cfg, env, scope
         self.train, self.eval = train, evaluation
-        if len(self.train) < env.world_size * cfg.batch_size:
-            raise StemdlError(f"{cfg.data}: {len(self.train)} training samples cannot fill one batch of "
-                              f"{cfg.batch_size} on each of {env.world_size} ranks")
+        available, ranks = (len(train), env.world_size) if scope is None else (scope.common, env.local_world_size)
+        if available < ranks * cfg.batch_size:
+            raise StemdlError(f"{cfg.data}: {available} training samples{' per node' if scope else ''} cannot "
+                              f"fill one batch of {cfg.batch_size} on each of {ranks} ranks")
         if len(self.eval) == 0:
             raise StemdlError(f"{cfg.data}: the {cfg.eval_split} split has no samples to evaluate on")
         self.eval_indices, self.eval_mask = shard.eval_shard(len(self.eval), env.rank, env.world_size,
@@ -71,6 +83,9 @@ class _Pipeline:
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.scope is not None:
+            return shard.shard_size(self.scope.common, self.env.local_world_size, self.cfg.batch_size) \
+                // self.cfg.batch_size
         return shard.shard_size(len(self.train), self.env.world_size, self.cfg.batch_size) // self.cfg.batch_size
 
     @property
@@ -83,6 +98,11 @@ class _Pipeline:
         return len(self.eval)
 
     def train_shard(self, epoch: int) -> np.ndarray:
+        if self.scope is not None:
+            env = self.env
+            mine = shard.node_train_shard(len(self.scope.rows), self.scope.common, self.cfg.seed, epoch,
+                                          env.node_rank, env.local_rank, env.local_world_size, self.cfg.batch_size)
+            return self.scope.rows[mine]
         return samplers.epoch_indices(self.cfg.sampler, self.train.labels, self.cfg.seed, epoch, self.env.rank,
                                       self.env.world_size, self.cfg.batch_size)
 
@@ -96,9 +116,12 @@ class _Pipeline:
 class MemoryPipeline(_Pipeline):
     name = "memory"
 
-    def __init__(self, train, evaluation, cfg, env):
-        super().__init__(train, evaluation, cfg, env)
-        self.train_xyt = self._read_all(self.train, np.arange(len(self.train)))
+    def __init__(self, train, evaluation, cfg, env, scope: NodeScope | None = None):
+        super().__init__(train, evaluation, cfg, env, scope)
+        rows = np.arange(len(self.train)) if scope is None else scope.rows  # a node keeps only its own
+        self.slot = np.full(len(self.train), -1, dtype=np.int64)
+        self.slot[rows] = np.arange(len(rows))
+        self.train_xyt = self._read_all(self.train, rows)
         self.eval_xyt = self._read_all(self.eval, self.eval_indices)
 
     def _read_all(self, split, order):
@@ -106,7 +129,7 @@ class MemoryPipeline(_Pipeline):
         return tuple(torch.cat([p[k] for p in parts]) for k in range(3))
 
     def train_batches(self, epoch: int):
-        rows = torch.from_numpy(self.train_shard(epoch))
+        rows = torch.from_numpy(self.slot[self.train_shard(epoch)])
         for start in range(0, len(rows), self.cfg.batch_size):
             take = rows[start:start + self.cfg.batch_size]
             yield tuple(part[take] for part in self.train_xyt)
@@ -132,8 +155,8 @@ class DaliPipeline(_Pipeline):
     name = "dali"
     normalized = True
 
-    def __init__(self, train, evaluation, cfg, env):
-        super().__init__(train, evaluation, cfg, env)
+    def __init__(self, train, evaluation, cfg, env, scope: NodeScope | None = None):
+        super().__init__(train, evaluation, cfg, env, scope)
         from stemdl.dali_loader import DaliBatches
 
         device_id = int(env.device.split(":")[1]) if env.device.startswith("cuda") else None
@@ -151,7 +174,7 @@ class DaliPipeline(_Pipeline):
 PIPELINES = {cls.name: cls for cls in (MemoryPipeline, TorchPipeline, DaliPipeline)}
 
 
-def build_pipeline(name: str, train, evaluation, cfg, env):
+def build_pipeline(name: str, train, evaluation, cfg, env, scope: NodeScope | None = None):
     if name not in PIPELINES:
         raise StemdlError(f"config key 'pipeline': {name!r} is not one of {', '.join(PIPELINES)}")
-    return PIPELINES[name](train, evaluation, cfg, env)
+    return PIPELINES[name](train, evaluation, cfg, env, scope)

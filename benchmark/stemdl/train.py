@@ -179,7 +179,7 @@ def setup(cfg, env, power, resume=None) -> Session:
     state = resume_state(cfg, env, resume)
     prepared = prepare_mod.prepare(cfg, env, log)
     try:
-        pipe = build_pipeline(cfg.pipeline, prepared.train, prepared.eval, cfg, env)
+        pipe = build_pipeline(cfg.pipeline, prepared.train, prepared.eval, cfg, env, prepared.scope)
         criterion = build_criterion(cfg, prepared, torch.device(env.device))
         model, optimizer, scheduler = build_model_and_optimizer(cfg, env, pipe.steps_per_epoch, criterion)
     except BaseException:

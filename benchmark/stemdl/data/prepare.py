@@ -13,7 +13,9 @@ samples out instead (counted, logged as `bad_samples_skipped`), up to `max_bad` 
 Converted shards (`stemdl convert`): the manifest is checked against the run's preprocessing, every file
 against its manifest entry (`verify_shards`: size, or sha256 split over the ranks), and with `stage_dir`
 the files are copied to node-local storage (logged as staging_start / staging_stop with the bytes moved).
-Every node stages all the files of both splits (each epoch's permutation is global).
+Every node stages all the files of both splits (each epoch's permutation is global), or with
+`shard_scope: node` only its own part of the training shards (plus the validation split): the shards are
+cut into one part per node of nearly equal bytes, and each epoch a node permutes only its own samples.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Prepared:
     class_counts: np.ndarray  # training samples per class index (230,)
     skipped: int = 0
     staged: object = None  # stemdl.staging.Staged, or None
+    scope: object = None  # stemdl.pipeline.NodeScope with shard_scope node, else None
 
 
 def _generate(root: Path, preset: str) -> None:
@@ -69,11 +72,15 @@ def prepare(cfg, env, log) -> Prepared:
 # ---- raw HDF5 ---------------------------------------------------------------------------------------------
 
 def _raw(root: Path, cfg, env, log) -> Prepared:
+    from functools import partial
+
     from stemdl.data import screen
     from stemdl.data.index import load_or_build
     from stemdl.data.source import raw_splits
 
-    index = dist.on_root(load_or_build, root)  # one reader of the file system, not N
+    # One reader of the file system, not N. With skip_bad, samples it cannot decode become placeholders
+    # that the screen reports and leaves out.
+    index = dist.on_root(partial(load_or_build, skip_bad=cfg.skip_bad), root)
     rows = np.concatenate([index.select(cfg.train_split), index.select(cfg.eval_split)])
     # Every rank screens a slice of the files; all get the same verdict (so all raise, or none).
     result = screen.screen_distributed(index, rows, pixels=cfg.screen_pixels, rank=env.rank,
@@ -90,7 +97,12 @@ def _raw(root: Path, cfg, env, log) -> Prepared:
             for line in result.lines()[:10]:
                 print(f"  {line}", file=sys.stderr)
     train, evaluation = raw_splits(index, cfg, keep)
-    return Prepared(train, evaluation, "hdf5", np.empty(0), skipped)
+    scope = None
+    if cfg.shard_scope == "node":  # units: the files, which a node then reads alone
+        files, units = np.unique(np.asarray(train.paths), return_inverse=True)
+        sizes = [int(index.file_size[index.files.index(str(Path(f).relative_to(index.root)))]) for f in files]
+        scope, _ = node_scope(units, sizes, env)
+    return Prepared(train, evaluation, "hdf5", np.empty(0), skipped, scope=scope)
 
 
 # ---- converted shards -------------------------------------------------------------------------------------
@@ -100,16 +112,38 @@ def _shards(root: Path, cfg, env, log) -> Prepared:
 
     shards = ShardSet.open(root, verify="none")
     _check_preprocessing(root, shards.preprocess, cfg)
-    for name in (cfg.train_split, cfg.eval_split):
-        shards.split(name)  # a missing split is named before anything is copied
-    needed = _run_files(shards, cfg)
+    train = shards.split(cfg.train_split)
+    shards.split(cfg.eval_split)  # a missing split is named before anything is copied
+    scope, mine = None, None
+    if cfg.shard_scope == "node":  # units: the shards, which a node then stages and reads alone
+        sizes = [int(sh["files"]["images"]["bytes"]) for sh in train.shards]
+        scope, mine = node_scope(train.shard_of, sizes, env)
+    needed = _run_files(shards, cfg, mine)
     staged = None
     if cfg.stage_dir:
         staged = _stage(shards, needed, cfg, env, log)
+        # with node scope the copy holds only this node's training shards: read their images there
+        train = train.relocated(staged.root) if scope else shards.with_root(staged.root).split(cfg.train_split)
         shards = shards.with_root(staged.root)
     elif cfg.verify_shards != "none":
         _verify(shards, needed, cfg.verify_shards, env)
-    return Prepared(shards.split(cfg.train_split), shards.split(cfg.eval_split), "shards", np.empty(0), 0, staged)
+    return Prepared(train, shards.split(cfg.eval_split), "shards", np.empty(0), 0, staged, scope)
+
+
+def node_scope(units: np.ndarray, unit_bytes: list[int], env):
+    """`shard_scope: node`: the units (files or shards) of the training split cut into one part per node
+    of nearly equal bytes (the same cut on every rank), this node's training positions, and the count
+    every node uses per epoch (the smallest node's). Returns (NodeScope, this node's unit numbers)."""
+    from stemdl.pipeline import NodeScope
+    from stemdl.staging import node_split
+
+    parts = node_split([(str(u), b, None) for u, b in enumerate(unit_bytes)], env.number_of_nodes)
+    mine = sorted(int(entry[0]) for entry in parts[env.node_rank])
+    rows = np.flatnonzero(np.isin(units, mine))
+    counts = dist.allgather_object((len(rows), env.local_world_size))
+    if len({ranks for _, ranks in counts}) > 1:
+        raise StemdlError("config key 'shard_scope': node scope needs the same number of ranks on every node")
+    return NodeScope(rows, min(n for n, _ in counts)), mine
 
 
 def _check_preprocessing(root: Path, stored: dict, cfg) -> None:
@@ -121,14 +155,17 @@ def _check_preprocessing(root: Path, stored: dict, cfg) -> None:
                               f"{config_key} {value} (convert again, or --set {config_key}={stored.get(key)})")
 
 
-def _run_files(shards, cfg) -> list:
-    """The manifest entries (path, bytes, sha256) of the files the run reads: all of both splits. Every
-    node needs every training shard (each epoch's permutation is global) and, being small, the whole
-    validation split is staged too rather than only the blocks of the node's ranks."""
-    wanted = {cfg.train_split, cfg.eval_split}
-    return [tuple(entry) for name, split in shards.manifest["splits"].items() if name in wanted
-            for shard_entry in split["shards"] for entry in
-            ((meta["path"], int(meta["bytes"]), meta.get("sha256")) for meta in shard_entry["files"].values())]
+def _run_files(shards, cfg, train_shards: list[int] | None = None) -> list:
+    """The manifest entries (path, bytes, sha256) of the files this node reads: every training shard (each
+    epoch's permutation is global) or, with node scope, the node's own; and, being small, the whole
+    validation split rather than only the blocks of the node's ranks."""
+    chosen = []
+    for name in (cfg.train_split, cfg.eval_split):
+        entries = shards.manifest["splits"][name]["shards"]
+        keep = set(range(len(entries)) if name != cfg.train_split or train_shards is None else train_shards)
+        chosen += [shard_entry for k, shard_entry in enumerate(entries) if k in keep]
+    return [(meta["path"], int(meta["bytes"]), meta.get("sha256")) for shard_entry in chosen
+            for meta in shard_entry["files"].values()]
 
 
 def _stage(shards, entries, cfg, env, log):

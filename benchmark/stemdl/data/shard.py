@@ -47,6 +47,24 @@ def train_shard(n: int, seed: int, epoch: int, rank: int, world_size: int,
     return epoch_permutation(n, seed, epoch)[rank * size:(rank + 1) * size]
 
 
+def node_train_shard(n_node: int, n_common: int, seed: int, epoch: int, node: int, local_rank: int,
+                     local_world_size: int, batch_size: int) -> np.ndarray:
+    """Node-scoped sharding (`shard_scope: node`): positions into this node's own samples (0..n_node-1).
+    Each epoch the node permutes its samples (seeded by seed, epoch and node), keeps the first n_common
+    (the smallest node's count, so every node runs the same number of steps) and its ranks take equal
+    blocks of whole batches. A node never reads another node's samples, so it stages only its part."""
+    _check_non_negative(n=n_node, seed=seed, epoch=epoch)
+    _check_ranks(local_rank, local_world_size)
+    if not 0 <= n_common <= n_node:
+        raise StemdlError(f"node {node}: {n_common} common samples of {n_node}")
+    size = shard_size(n_common, local_world_size, batch_size)
+    if size == 0:
+        raise StemdlError(f"{n_common} training samples per node give no full batches of {batch_size} to each "
+                          f"of {local_world_size} ranks of a node")
+    perm = np.random.default_rng([seed, epoch, 1, node]).permutation(n_node)[:n_common]
+    return perm[local_rank * size:(local_rank + 1) * size].astype(np.int64, copy=False)
+
+
 def eval_shard(n: int, rank: int, world_size: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, mask) of this rank's evaluation samples: a contiguous block (sizes differ by at most
     one over ranks; contiguous keeps reads within few files), padded by repeating its last sample to a

@@ -41,6 +41,7 @@ handed to DataLoader workers, forked or pickled, without copying the images.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -343,6 +344,12 @@ class ShardSplit:
         if len(self._maps) > MAX_OPEN:
             self._maps.popitem(last=False)
         return mm
+
+    def relocated(self, root) -> ShardSplit:
+        """The same split reading its images from `root`: a staged copy holding (at least) the shards read."""
+        moved = copy.copy(self)
+        moved.root, moved._maps, moved._pid = Path(root), OrderedDict(), os.getpid()
+        return moved
 
     def read(self, indices) -> np.ndarray:
         """Images of samples `indices` (positions in the split), (len, 3, S, S) of the stored dtype."""

@@ -10,7 +10,8 @@ import pytest
 
 from stemdl.cli import main
 from stemdl.data import index as index_mod
-from stemdl.data.index import INDEX_NAME, DataIndex, cache_path, load_or_build
+from stemdl.data.index import (FORMAT_VERSION, INDEX_NAME, PLACEHOLDER_VERSION, DataIndex, cache_path,
+                               load_or_build)
 from stemdl.errors import DataError
 from stemdl.synth import generate
 
@@ -28,9 +29,9 @@ def scans(monkeypatch):
     opened = []
     real = index_mod._scan_file
 
-    def counting(path):
+    def counting(path, **kw):
         opened.append(os.path.relpath(path, os.path.dirname(os.path.dirname(path))))
-        return real(path)
+        return real(path, **kw)
 
     monkeypatch.setattr(index_mod, "_scan_file", counting)
     return opened
@@ -140,6 +141,87 @@ def test_index_command(data, capsys):
     (data / TRAIN).write_bytes(b"junk")
     assert main(["index", str(data), "--quiet"]) == 2
     assert "batch_train_0.h5: not a readable HDF5 file (file signature not found)" in capsys.readouterr().err
+
+
+# ---- --skip-bad: samples the scan cannot decode become placeholders --------------------------------------
+
+LABEL_231 = "space_group 231 is outside 1..230"
+
+
+def _damage(data, train=True, dev=True):
+    """A label outside 1..230 in the train file's sample_1_0; no cbed_stack in the dev file's sample_0_0."""
+    if train:
+        with h5py.File(data / TRAIN, "r+") as h5:
+            h5["sample_1_0"].attrs["space_group"] = np.bytes_(b"231")
+    if dev:
+        with h5py.File(data / DEV, "r+") as h5:
+            del h5["sample_0_0/cbed_stack"]
+
+
+def _saved_version(index: DataIndex) -> int:
+    with np.load(index.path) as z:
+        return int(z["version"])
+
+
+def _refused(data, where, reason, **kw):
+    where = re.escape(f"{data.resolve() / where}")
+    with pytest.raises(DataError, match=f"^{where}: {re.escape(reason)}$"):
+        _build(data, **kw)
+
+
+def test_tolerant_scan_keeps_placeholders_and_a_later_strict_call_still_refuses(data, scans, capsys):
+    _damage(data)
+    _refused(data, f"{TRAIN}:sample_1_0", LABEL_231)
+    assert not (data / INDEX_NAME).exists() and scans == [TRAIN]
+    idx = _build(data, skip_bad=True)
+    assert idx.placeholders().tolist() == [1, 2] and idx.label.tolist() == [196, 0, 0]
+    assert idx.entry(1) == (TRAIN, "sample_1_0", "train", 0, (0, 0, 0), -1)
+    assert idx.entry(2) == (DEV, "sample_0_0", "dev", 0, (0, 0, 0), -1)
+    assert np.isnan(idx.targets([1, 2])).all() and np.isfinite(idx.targets([0])).all()
+    assert (idx.status, _saved_version(idx)) == ("built", PLACEHOLDER_VERSION)
+    # Strict after tolerant: the files holding placeholders count as changed and are rescanned strictly.
+    _refused(data, f"{TRAIN}:sample_1_0", LABEL_231)
+    assert scans == [TRAIN, TRAIN, DEV, TRAIN] and _saved_version(idx) == PLACEHOLDER_VERSION
+    assert main(["index", str(data), "--workers", "1", "--quiet"]) == 2
+    assert f"{TRAIN}:sample_1_0: {LABEL_231}" in capsys.readouterr().err
+    again = _build(data, skip_bad=True)
+    assert (again.status, len(scans)) == ("reused", 5), "a tolerant call reuses the placeholders"
+    _assert_same(idx, again)
+    with h5py.File(data / TRAIN, "r+") as h5:  # TRAIN repaired: only DEV is bad now
+        h5["sample_1_0"].attrs["space_group"] = np.bytes_(b"63")
+    _refused(data, f"{DEV}:sample_0_0", "missing dataset cbed_stack")
+    assert scans[5:] == [TRAIN, DEV], "TRAIN changed, DEV holds a placeholder"
+
+
+def test_strict_index_then_damage_then_tolerant_then_repair(data, scans, fixture_dir):
+    clean = _build(data)
+    assert _saved_version(clean) == FORMAT_VERSION and len(clean.placeholders()) == 0
+    _damage(data, train=False)
+    _refused(data, f"{DEV}:sample_0_0", "missing dataset cbed_stack")
+    idx = _build(data, skip_bad=True)
+    assert (idx.status, idx.rescanned, scans[2:]) == ("updated", 1, [DEV, DEV])
+    assert idx.placeholders().tolist() == [2] and _saved_version(idx) == PLACEHOLDER_VERSION
+    assert [idx.entry(i) for i in (0, 1)] == [clean.entry(i) for i in (0, 1)]
+    (data / DEV).write_bytes((fixture_dir / "batch_dev_0.h5").read_bytes())  # repaired: a strict call is clean
+    fixed = _build(data)
+    assert (fixed.status, fixed.rescanned, _saved_version(fixed)) == ("updated", 1, FORMAT_VERSION)
+    for name in ("group", "label", "shape", "kinematic_class", "abc", "angles"):
+        np.testing.assert_array_equal(getattr(fixed, name), getattr(clean, name), err_msg=name)
+
+
+def test_tolerant_scan_with_two_workers_matches_one(data, tmp_path):
+    _damage(data)
+    one = load_or_build(data, workers=1, cache_dir=tmp_path / "a", quiet=True, skip_bad=True)
+    two = load_or_build(data, workers=2, cache_dir=tmp_path / "b", quiet=True, skip_bad=True)
+    _assert_same(one, two)
+    assert one.placeholders().tolist() == [1, 2]
+
+
+def test_a_file_that_cannot_be_opened_stays_fatal_with_skip_bad(data):
+    (data / TRAIN).write_bytes(b"junk")
+    _refused(data, TRAIN, "not a readable HDF5 file (file signature not found) (--skip-bad leaves out samples, "
+             "not a file whose samples cannot be counted)", skip_bad=True)
+    _refused(data, TRAIN, "not a readable HDF5 file (file signature not found)")
 
 
 def _attribute_lattices(index: DataIndex) -> np.ndarray:

@@ -1,12 +1,15 @@
 """The screen before the clock: every bad sample named in one line, `--skip-bad` under its limit, ranks agree.
 
-The damage is done after the index is built: a file damaged before it is refused by the index scan itself
-(`test_damage_before_indexing_is_refused_by_the_scan`), so the screen sees what a saved index hides.
+The damage is done after the index is built: a file damaged before it is refused by the strict index scan
+itself (`test_damage_before_indexing_is_refused_by_the_scan`), so the screen sees what a saved index hides.
+With `--skip-bad` the scan keeps such samples as placeholders, which the screen reports and leaves out
+(`test_samples_the_scan_cannot_decode_are_left_out_with_their_reason` and the end-to-end run after it).
 """
 
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -21,8 +24,9 @@ import pytest
 from stemdl.data import layout
 from stemdl.data.index import load_or_build
 from stemdl.data.reader import DataFile, read_record
-from stemdl.data.screen import (ScreenResult, decide, duplicates, file_owners, merge, screen, screen_distributed,
-                                screen_part)
+from stemdl.cli import main
+from stemdl.data.screen import (STALE_PLACEHOLDER, ScreenResult, decide, duplicates, expected_shape, file_owners,
+                                merge, screen, screen_distributed, screen_part)
 from stemdl.errors import DataError, StemdlError
 
 TRAIN = "train/batch_train_0.h5"
@@ -110,6 +114,74 @@ def test_damage_before_indexing_is_refused_by_the_scan(data):
         DAMAGE["label 231"][0](h5)
     with pytest.raises(DataError, match=r"batch_train_0.h5:sample_1_0: space_group 231 is outside 1..230$"):
         _index(data)
+
+
+# ---- --skip-bad and samples the index scan cannot decode ------------------------------------------------
+
+@pytest.fixture
+def undecodable(tiny_data, tmp_path) -> tuple[Path, list[tuple[str, str, str]]]:
+    """A copy of the tiny set (12 train+dev samples) with two samples the index scan cannot decode, and the
+    (file, group, reason) of each. Only the .h5 files are copied: without synth.json no run regenerates it."""
+    data = tmp_path / "data"
+    for src in tiny_data.rglob("*.h5"):
+        (data / src.relative_to(tiny_data)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, data / src.relative_to(tiny_data))
+    train, dev = data / "train" / "batch_train_1.h5", data / "dev" / "batch_dev_0.h5"
+    with h5py.File(train, "r+") as h5:
+        h5["sample_5_0"].attrs["space_group"] = np.bytes_(b"231")
+    with h5py.File(dev, "r+") as h5:
+        del h5["sample_2_0/cbed_stack"]
+    return data, [(str(train), "sample_5_0", "space_group 231 is outside 1..230"),
+                  (str(dev), "sample_2_0", "missing dataset cbed_stack")]
+
+
+def test_samples_the_scan_cannot_decode_are_left_out_with_their_reason(undecodable):
+    data, bad = undecodable
+    (file, group, reason) = bad[0]
+    with pytest.raises(DataError, match=f"^{re.escape(f'{file}:{group}: {reason}')}$"):
+        _index(data)
+    index = load_or_build(data, workers=1, quiet=True, skip_bad=True)
+    rows = np.concatenate([index.select("train"), index.select("dev")])
+    assert len(rows) == 12 and [index.entry(i)[1] for i in index.placeholders()] == ["sample_5_0", "sample_2_0"]
+    for pixels in (True, False):  # the screen decodes every sample again: the real reasons, not label 0
+        result = screen(index, rows, pixels=pixels, workers=1, quiet=True)
+        assert result.bad == bad and result.count() == 2
+        assert rows[~result.keep].tolist() == index.placeholders().tolist()
+    keep = decide(result, len(rows), skip_bad=True, max_bad=0.2)
+    assert rows[keep].tolist() == np.setdiff1d(rows, index.placeholders()).tolist()
+    assert (index.label[rows[keep]] > 0).all()
+    with pytest.raises(StemdlError, match=r"^2 of 12 samples \(16.7 %\) are bad, above the --max-bad 1 % limit; "
+                                          f"first: {re.escape(f'{file}:{group}: {reason}')}$"):
+        decide(result, len(rows), skip_bad=True)
+    with pytest.raises(DataError, match=f"^{re.escape(f'{file}:{group}: {reason}{HINT}')}$"):
+        decide(result, len(rows), skip_bad=False)
+
+
+def test_a_placeholder_that_decodes_now_is_still_left_out(data):
+    """A read error at scan time that has gone: only a strict rescan can give the sample its label."""
+    index = _index(data)
+    index.label[[0, 1]] = 0
+    index.shape[[0, 1]] = 0
+    assert expected_shape(index, np.arange(3)) == (3, 512, 512), "placeholders do not vote"
+    result = _screen(index)
+    assert result.bad == [(str(data / TRAIN), f"sample_{i}_0", STALE_PLACEHOLDER) for i in (0, 1)]
+    assert result.keep.tolist() == [False, False, True]
+
+
+def test_run_with_skip_bad_leaves_out_samples_the_scan_cannot_decode(undecodable, tmp_path, capsys):
+    data, bad = undecodable
+    logs = tmp_path / "runs"
+    assert main(["run", "--config", "smoke", "--data", str(data), "--log-dir", str(logs), "--skip-bad",
+                 "--set", "max_bad=0.2", "--epochs", "1"]) == 0
+    assert json.loads((logs / "result_0.metrics.json").read_text())["bad_samples_skipped"] == 2
+    err = capsys.readouterr().err
+    assert all(f"{file}:{group}: {reason}" in err for file, group, reason in bad)
+    # The index it saved holds placeholders; a run without --skip-bad still stops before the clock, naming
+    # one of them (files are scanned in parallel: whichever file's error comes first).
+    assert main(["run", "--config", "smoke", "--data", str(data), "--log-dir", str(logs)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert any(last.endswith(f"{file}:{group}: {reason}") for file, group, reason in bad), last
+    assert "run_start" not in (logs / "result_1.txt").read_text()
 
 
 def test_all_reasons_of_a_sample_in_one_entry(data):

@@ -4,6 +4,7 @@
     stemdl index data/real --rebuild --workers 16 --cache-dir /scratch/idx
 
     index = load_or_build("data/real")         # DataIndex: one entry per sample, natural order
+    index = load_or_build("data/real", skip_bad=True)   # a sample it cannot decode becomes a placeholder
     train = index.select("train")              # entry numbers
     index.file_path(i), index.group_name(i), index.label[i], index.shape[i], index.kinematic_class[i]
     index.targets(train)                       # (n, 6) float32: a, b, c (angstrom), alpha, beta, gamma (degrees)
@@ -14,16 +15,28 @@ saved beside the data (`DIR/.stemdl_index.npz`) or, where DIR is not writable, i
 index is reused while every file keeps its size and mtime_ns; otherwise only the changed or new files
 are rescanned. Scanning reads attributes and dataset shapes, never the images.
 
+A sample whose attributes or dataset cannot be decoded (space_group missing or outside 1..230, no
+`cbed_stack`, a dtype or shape that is not float32 (3, H, W), ...) stops the scan with a one-line
+`DataError` naming file:group. With `skip_bad` (the run's `--skip-bad`) it is kept instead as a placeholder
+entry: label 0 (which no real sample has), shape (0, 0, 0), kinematic class -1, NaN lattice. The run's
+screen (`stemdl.data.screen`) decodes it again, reports the real reason and leaves it out, counted against
+`max_bad`. A strict call treats a saved file holding placeholders as changed and rescans it, so it raises
+that sample's error as if the tolerant call had never happened. A file that cannot be opened or listed stays
+fatal in both modes: its samples cannot be counted, so no share of bad samples can be honoured.
+
 File format (numpy .npz, uncompressed, no pickles): `version`, `root`; per file `files` (paths relative
 to the root), `file_size`, `file_mtime_ns`, `file_start` (entries of file k are file_start[k]:file_start[k+1]);
 per entry `group` (bytes), `label` (int16), `shape` (int32, (n, 3)), `kinematic_class` (int32, -1 if absent),
 `abc` (float32, (n, 3): the attribute abc_angstrom) and `angles` (float32, (n, 3): angles_degree), which the
-multi-task heads learn (`stemdl.tasks`). An index saved in an older format version is rebuilt.
+multi-task heads learn (`stemdl.tasks`). An index saved in an older format version is rebuilt. An index
+holding placeholders is saved as version 3 (otherwise the same format), so that an older stemdl, which
+does not know them, rebuilds it strictly instead of reading label 0 as a class.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import sys
@@ -37,9 +50,12 @@ import numpy as np
 
 from stemdl.data import layout
 from stemdl.data.reader import DataFile, data_files, default_workers, imap_files
+from stemdl.errors import DataError
 
 INDEX_NAME = ".stemdl_index.npz"
 FORMAT_VERSION = 2  # 2: per-entry abc and angles
+PLACEHOLDER_VERSION = 3  # version 2 with placeholders; an older stemdl refuses it and rebuilds strictly
+PLACEHOLDER_LABEL = 0  # the label of a sample a tolerant scan could not decode; never a real space group
 _FILE_FIELDS = ("file_size", "file_mtime_ns", "file_start")
 _ENTRY_FIELDS = ("group", "label", "shape", "kinematic_class", "abc", "angles")
 
@@ -100,8 +116,12 @@ class DataIndex:
         return IndexEntry(self.files[self.file_index[i]], self.group_name(i), layout.SPLITS[self.split[i]],
                           int(self.label[i]), tuple(int(n) for n in self.shape[i]), int(self.kinematic_class[i]))
 
+    def placeholders(self) -> np.ndarray:
+        """Entry numbers of the samples a tolerant scan (`skip_bad`) could not decode."""
+        return np.flatnonzero(self.label == PLACEHOLDER_LABEL)
+
     def class_counts(self, split: str | None = None) -> np.ndarray:
-        """Samples per space group, indexed by label (length 231; entry 0 unused)."""
+        """Samples per space group, indexed by label (length 231; entry 0 counts placeholders)."""
         labels = self.label if split is None else self.label[self.select(split)]
         return np.bincount(labels, minlength=layout.N_SPACE_GROUPS + 1)
 
@@ -121,7 +141,8 @@ class DataIndex:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
-                np.savez(f, version=np.int64(FORMAT_VERSION), root=np.str_(str(self.root)),
+                version = PLACEHOLDER_VERSION if len(self.placeholders()) else FORMAT_VERSION
+                np.savez(f, version=np.int64(version), root=np.str_(str(self.root)),
                          files=np.array(self.files, dtype=str),
                          **{name: getattr(self, name) for name in _FILE_FIELDS + _ENTRY_FIELDS})
             os.replace(tmp, path)
@@ -133,7 +154,7 @@ class DataIndex:
         """The index saved at `path`, or None if it is missing, damaged or of another format version."""
         try:
             with np.load(path, allow_pickle=False) as z:
-                if int(z["version"]) != FORMAT_VERSION:
+                if int(z["version"]) not in (FORMAT_VERSION, PLACEHOLDER_VERSION):
                     return None
                 arrays = {name: z[name] for name in _FILE_FIELDS + _ENTRY_FIELDS}
                 files = z["files"].tolist()
@@ -183,14 +204,31 @@ def _save_first(index: DataIndex, locations: list[Path]) -> Path | None:
 
 # ---- building -------------------------------------------------------------------------------------------
 
-def _scan_file(path: str) -> dict[str, np.ndarray]:
+_PLACEHOLDER = (PLACEHOLDER_LABEL, (0, 0, 0), -1, (np.nan,) * 3, (np.nan,) * 3)
+
+
+def _sample_row(f: DataFile, group: str, skip_bad: bool) -> tuple:
+    """(group, label, shape, kinematic class, abc, angles) of one sample, or its placeholder."""
+    try:
+        rec, shape = f.record(group), f.shape(group)
+    except DataError:
+        if not skip_bad:
+            raise
+        return (group,) + _PLACEHOLDER  # the screen decodes it again and reports why
+    kc = -1 if rec.kinematic_class is None else rec.kinematic_class
+    return (group, rec.space_group, shape, kc, rec.abc_angstrom, rec.angles_degree)
+
+
+def _scan_file(path: str, skip_bad: bool = False) -> dict[str, np.ndarray]:
     """Labels, shapes, kinematic classes and lattices of one file's samples: attributes and shapes only."""
-    rows = []
-    with DataFile(path) as f:
-        for g in f.groups:
-            rec = f.record(g)
-            kc = -1 if rec.kinematic_class is None else rec.kinematic_class
-            rows.append((g, rec.space_group, f.shape(g), kc, rec.abc_angstrom, rec.angles_degree))
+    try:
+        with DataFile(path) as f:
+            rows = [_sample_row(f, g, skip_bad) for g in f.groups]
+    except DataError as exc:
+        if not skip_bad or exc.group is not None:
+            raise
+        raise DataError(exc.path, f"{exc.reason} (--skip-bad leaves out samples, not a file whose samples "
+                                  "cannot be counted)") from None
     return {
         "group": np.array([r[0] for r in rows], dtype="S") if rows else np.zeros(0, "S1"),
         "label": np.array([r[1] for r in rows], dtype=np.int16),
@@ -201,19 +239,24 @@ def _scan_file(path: str) -> dict[str, np.ndarray]:
     }
 
 
-def _changed(saved: DataIndex, files: list[str], stats: np.ndarray) -> list[int]:
-    """Numbers of the files (in `files`) that the saved index does not hold as they are now."""
+def _changed(saved: DataIndex, files: list[str], stats: np.ndarray, strict: bool) -> list[int]:
+    """Numbers of the files (in `files`) that the saved index does not hold as they are now. For a strict
+    call a file with placeholders is stale too: its strict rescan raises the sample's own error."""
     known = {f: (s, m) for f, s, m in zip(saved.files, saved.file_size.tolist(), saved.file_mtime_ns.tolist())}
+    if strict:
+        for k in np.unique(saved.file_index[saved.placeholders()]).tolist():
+            del known[saved.files[k]]
     return [k for k, f in enumerate(files) if known.get(f) != tuple(stats[k].tolist())]
 
 
-def _best_saved(root: Path, cache_dir, files: list[str], stats: np.ndarray) -> tuple[DataIndex | None, list[int]]:
+def _best_saved(root: Path, cache_dir, files: list[str], stats: np.ndarray,
+                strict: bool) -> tuple[DataIndex | None, list[int]]:
     """The saved index needing the fewest rescans (beside the data or in the cache) and its stale files."""
     candidates = dict.fromkeys(save_locations(root, cache_dir) + [root / INDEX_NAME])
     best, best_todo = None, list(range(len(files)))
     for path in candidates:
         saved = DataIndex.load(path, root) if path.is_file() else None
-        todo = _changed(saved, files, stats) if saved is not None else None
+        todo = _changed(saved, files, stats, strict) if saved is not None else None
         if todo is not None and (best is None or len(todo) < len(best_todo)):
             best, best_todo = saved, todo
     return best, best_todo
@@ -228,16 +271,19 @@ def _assemble(root: Path, files: list[str], stats: np.ndarray, blocks: list[dict
 
 
 def load_or_build(root: str | os.PathLike, workers: int | None = None, rebuild: bool = False,
-                  cache_dir: str | os.PathLike | None = None, quiet: bool = False) -> DataIndex:
+                  cache_dir: str | os.PathLike | None = None, quiet: bool = False,
+                  skip_bad: bool = False) -> DataIndex:
     """The index of `root`: reused if saved and current, else (re)built by scanning only what changed.
 
     A bad file or sample raises `DataError` naming file:group (`stemdl validate` lists every problem).
+    With `skip_bad` a sample that cannot be decoded becomes a placeholder instead (see the module docstring).
     """
     root = Path(root).resolve()
     paths = data_files(root)
     files = [p.relative_to(root).as_posix() for p in paths]
     stats = np.array([(st.st_size, st.st_mtime_ns) for st in (p.stat() for p in paths)], dtype=np.int64)
-    saved, todo = (None, list(range(len(files)))) if rebuild else _best_saved(root, cache_dir, files, stats)
+    saved, todo = ((None, list(range(len(files)))) if rebuild
+                   else _best_saved(root, cache_dir, files, stats, strict=not skip_bad))
     if saved is not None and not todo and saved.files == files:
         saved.status, saved.rescanned = "reused", 0
         return saved
@@ -248,7 +294,8 @@ def load_or_build(root: str | os.PathLike, workers: int | None = None, rebuild: 
             blocks[k] = saved.file_block(where[files[k]])
     if todo:
         jobs = [str(paths[k]) for k in todo]
-        for pos, block in imap_files(_scan_file, jobs, workers, label="index", quiet=quiet):
+        scan = functools.partial(_scan_file, skip_bad=True) if skip_bad else _scan_file
+        for pos, block in imap_files(scan, jobs, workers, label="index", quiet=quiet):
             blocks[todo[pos]] = block
     index = _assemble(root, files, stats, blocks)
     index.status = "built" if saved is None else "updated"

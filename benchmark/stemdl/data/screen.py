@@ -1,6 +1,6 @@
 """Screening the samples a run will read, before the clock starts, and the `--skip-bad` verdict.
 
-    index = load_or_build(root)
+    index = load_or_build(root, skip_bad=cfg.skip_bad)               # placeholders for undecodable samples
     rows = np.concatenate([index.select("train"), index.select("dev")])
     result = screen_distributed(index, rows, pixels=True, rank=env.rank, world_size=env.world_size,
                                 quiet=not env.is_root)             # or, on one process: screen(index, rows, ...)
@@ -18,12 +18,16 @@ expected shape is the most common one among the screened rows. The later copies 
 occurs in two files of one split are bad too (`duplicates`). A file that cannot be opened is one entry
 (group None) and all its samples are left out.
 
-What the index scan (`load_or_build`) refuses never reaches the screen: it raises a `DataError` for the
-first file it cannot open and the first sample with bad attributes, without `cbed_stack`, or with a dtype
-other than float32 or a shape other than (3, H, W) (on rank 0 during init; `dist.on_root` raises it on
-every rank, before the clock). The screen finds what the scan does not look at: values, shapes unlike the
-rest, duplicate names, and files that became unreadable after the index was saved (chmod keeps a file's
-size and mtime, so the saved index is reused without a rescan).
+The index scan (`load_or_build`, on rank 0 during init; `dist.on_root` raises its error on every rank,
+before the clock) decodes every sample's attributes and dataset shape. Strict, it raises a `DataError` for
+the first file it cannot open and the first sample with bad attributes, without `cbed_stack`, or with a
+dtype other than float32 or a shape other than (3, H, W). With `skip_bad` it keeps such a sample as a
+placeholder entry (label 0): the screen decodes it again like any other, so it is reported with its real
+reason, left out and counted against `max_bad`; a placeholder that now decodes cleanly is left out too
+(only a strict rescan can give it a label). A file the scan cannot open stays fatal either way. The screen
+also finds what the scan does not look at: values, shapes unlike the rest, duplicate names, and files that
+became unreadable after the index was saved (chmod keeps a file's size and mtime, so the saved index is
+reused without a rescan).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from stemdl.data.validate import check_sample
 from stemdl.errors import DataError, StemdlError
 
 MAX_BAD = 0.01  # the share of bad samples `--skip-bad` tolerates
+STALE_PLACEHOLDER = ("could not be decoded when the index was built but decodes now (index it again: "
+                     "stemdl index DIR)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,7 +126,9 @@ def file_owners(sizes: Sequence[int], world_size: int) -> np.ndarray:
 
 
 def expected_shape(index, rows: np.ndarray) -> tuple | None:
-    """The most common stack shape among `rows` if it is a valid (3, S, S), else None (any (3, S, S))."""
+    """The most common stack shape among `rows` if it is a valid (3, S, S), else None (any (3, S, S)).
+    Placeholders have no shape and do not vote."""
+    rows = np.setdiff1d(rows, index.placeholders())
     if not len(rows):
         return None
     shapes, counts = np.unique(index.shape[rows], axis=0, return_counts=True)
@@ -177,6 +185,10 @@ def merge(index, rows: np.ndarray, parts: Sequence[ScreenPart]) -> ScreenResult:
     for part in parts:
         for i, why in part.samples:
             reasons.setdefault(i, []).append(why)
+    # Never train on a placeholder: its label is unknown even where its sample now decodes cleanly (a read
+    # error at scan time that has gone, or a file repaired without a change of size and mtime).
+    for i in np.intersect1d(rows, index.placeholders()).tolist():
+        reasons.setdefault(i, [STALE_PLACEHOLDER])
     screened = set(rows.tolist())
     for i, k in _repeats(index):
         if i in screened:

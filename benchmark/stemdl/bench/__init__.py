@@ -2,6 +2,7 @@
 
     stemdl bench synth                      # generator throughput at 512x512, all cores
     stemdl bench synth --image-size 256 --samples 60 --workers 1
+    stemdl bench io                         # read limits, pipelines, training step with each loader
 
 Each benchmark lives in its own module here, registered in BENCHMARKS.
 """
@@ -13,6 +14,7 @@ import importlib
 
 BENCHMARKS = {
     "synth": ("stemdl.bench.synth", "synthetic generator: samples/s end to end, and time per stage"),
+    "io": ("stemdl.bench.io", "input path: read limits, pipelines, and the training step with each loader"),
 }
 
 

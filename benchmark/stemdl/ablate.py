@@ -119,11 +119,11 @@ def ensemble_metrics(out: Path, base: str, seeds: list[int], data: str | None, e
 
     from stemdl import checkpoint, dist, mlperf
     from stemdl.config import load_config
-    from stemdl.data.prepare import prepare
+    from stemdl.data.prepare import ensure_data, prepare
     from stemdl.metrics import ConfusionMatrix
     from stemdl.pipeline import NUM_CLASSES, build_pipeline
     from stemdl.preprocess import normalize
-    from stemdl.train import as_outputs, build_model_and_optimizer, build_criterion
+    from stemdl.train import as_outputs, build_criterion, build_model_and_optimizer, lattice_scale
 
     overrides = {**extra_sets, "seed": seeds[0]}
     if data:
@@ -131,9 +131,9 @@ def ensemble_metrics(out: Path, base: str, seeds: list[int], data: str | None, e
     cfg = load_config(base, overrides)
     env = dist.setup()
     try:
-        prepared = prepare(cfg, env, mlperf.MLLogger(None, rank=1))  # rank 1: a logger that writes nothing
+        prepared = prepare(ensure_data(cfg), cfg, env, mlperf.MLLogger(None, rank=1))  # rank 1: writes nothing
         pipe = build_pipeline("memory", prepared.train, prepared.eval, cfg, env)
-        criterion = build_criterion(cfg, prepared, torch.device("cpu"))
+        criterion = build_criterion(cfg, prepared, lattice_scale(cfg, prepared), torch.device("cpu"))
         members = []
         for seed in seeds:
             model, _, _ = build_model_and_optimizer(cfg, env, pipe.steps_per_epoch, criterion)
@@ -146,7 +146,7 @@ def ensemble_metrics(out: Path, base: str, seeds: list[int], data: str | None, e
                 x = normalize(x).contiguous(memory_format=torch.channels_last)
                 logits = sum(as_outputs(m(x))["space_group"].float() for m in members) / len(members)
                 cm.update(y, logits.argmax(dim=1), mask)
-        return {"final": cm.to_dict(), "history": [], "counts": prepared.class_counts}
+        return {"final": cm.to_dict(), "history": []}
     finally:
         dist.teardown()
 

@@ -29,6 +29,7 @@ import datetime
 import os
 import socket
 import sys
+import traceback
 from dataclasses import dataclass
 
 from stemdl.errors import StemdlError
@@ -153,22 +154,27 @@ def node_ranks() -> list[int]:
 
 
 def on_root(fn, *args, root: int = 0):
-    """fn(*args) run on rank `root` only; its result, or the StemdlError it raised, reaches every rank.
+    """fn(*args) run on rank `root` only; its result, or the StemdlError it raised (with its type: a bad
+    sample stays a DataError), reaches every rank. A bug (any other exception) on the root ends every rank
+    (MPI_Abort) after printing its traceback.
 
-    For work one rank does for all (generating data, building the index): without this, an error on
-    the root would leave the other ranks waiting in the next collective until its timeout.
+    For work one rank does for all (generating data, building the index, planning a conversion): without
+    this, an error on the root would leave the other ranks waiting in the next collective until its timeout.
     """
-    from stemdl.errors import StemdlError
-
     outcome = None
     if _env is None or _env.rank == root:
         try:
             outcome = ("ok", fn(*args))
         except StemdlError as exc:
-            outcome = ("error", str(exc))
+            outcome = ("error", exc)
+        except Exception:
+            if _env is None or _env.world_size == 1:
+                raise
+            traceback.print_exc()
+            abort(1)
     outcome = broadcast_object(outcome, root=root)
     if outcome[0] == "error":
-        raise StemdlError(outcome[1])
+        raise outcome[1]
     return outcome[1]
 
 

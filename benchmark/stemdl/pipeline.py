@@ -72,21 +72,16 @@ class _Pipeline:
     def __init__(self, train, evaluation, cfg, env, scope: NodeScope | None = None):
         self.cfg, self.env, self.scope = cfg, env, scope
         self.train, self.eval = train, evaluation
+        # global: all samples over all ranks; node scope: the node's common count over the node's ranks
         available, ranks = (len(train), env.world_size) if scope is None else (scope.common, env.local_world_size)
         if available < ranks * cfg.batch_size:
             raise StemdlError(f"{cfg.data}: {available} training samples{' per node' if scope else ''} cannot "
                               f"fill one batch of {cfg.batch_size} on each of {ranks} ranks")
+        self.steps_per_epoch = shard.shard_size(available, ranks, cfg.batch_size) // cfg.batch_size
         if len(self.eval) == 0:
             raise StemdlError(f"{cfg.data}: the {cfg.eval_split} split has no samples to evaluate on")
         self.eval_indices, self.eval_mask = shard.eval_shard(len(self.eval), env.rank, env.world_size,
                                                              cfg.batch_size)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        if self.scope is not None:
-            return shard.shard_size(self.scope.common, self.env.local_world_size, self.cfg.batch_size) \
-                // self.cfg.batch_size
-        return shard.shard_size(len(self.train), self.env.world_size, self.cfg.batch_size) // self.cfg.batch_size
 
     @property
     def train_samples(self) -> int:

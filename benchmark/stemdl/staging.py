@@ -103,7 +103,7 @@ def stage(src_root: Path, entries: list[Entry], stage_dir: Path, job_tag: str, v
     stage_dir/stemdl-<job_tag>/, with the same relative paths. Collective over ALL ranks: call it on every
     rank with that rank's node's list (the same list on every rank of a node) and the same job_tag.
     An error on any rank raises the same one-line StemdlError on all of them."""
-    env = _current_env()
+    env = dist.current()
     node = dist.node_comm()
     local_rank, local_size = (node.Get_rank(), node.Get_size()) if node is not None else (0, 1)
     src_root, stage_dir, entries = Path(src_root), Path(stage_dir), list(entries)
@@ -167,10 +167,6 @@ def node_split(entries: list[Entry], n_parts: int) -> list[list[Entry]]:
 
 
 # ---- the owner's checks ---------------------------------------------------------------------------------
-
-def _current_env():
-    return dist.current()
-
 
 def _check_tag(job_tag: str) -> str:
     if not isinstance(job_tag, str) or not _TAG.fullmatch(job_tag):

@@ -59,6 +59,7 @@ class Session:
     power: energy.PowerSampler  # GPU power (NVML), not a data sampler
     criterion: torch.nn.Module  # tasks.TaskLoss: the space-group loss (stemdl.losses) plus any other heads
     prepared: prepare_mod.Prepared
+    lattice: tasks.LatticeScale | None  # training mean/std of the lattice targets (lattice head only)
     stop: StopSignal | None = None  # None: no signal handling (the run cannot be stopped early)
     resumed: dict | None = None  # the checkpoint state this run continues from
 
@@ -132,7 +133,7 @@ def log_config(log, cfg, env, pipe) -> None:
     log.event(mlperf.TARGET_EVAL_ACCURACY, cfg.target)
 
 
-def build_criterion(cfg, prepared, device) -> torch.nn.Module:
+def build_criterion(cfg, prepared, lattice: tasks.LatticeScale | None, device) -> torch.nn.Module:
     """The training loss: the space-group loss chosen by `loss` (weights from the training class counts,
     the same on every rank), combined with the other heads' losses when `tasks` names more."""
     class_loss = build_loss(cfg.loss, prepared.class_counts, label_smoothing=cfg.label_smoothing,
@@ -141,7 +142,7 @@ def build_criterion(cfg, prepared, device) -> torch.nn.Module:
     names = tasks.parse_tasks(cfg.tasks)
     criterion = tasks.TaskLoss(names, cfg.task_weighting,
                                tasks.parse_task_weights(cfg.task_weights, names, cfg.task_weighting),
-                               lattice=lattice_scale(cfg, prepared), classification_loss=class_loss)
+                               lattice=lattice, classification_loss=class_loss)
     return criterion.to(device)
 
 
@@ -173,14 +174,15 @@ def setup(cfg, env, power, resume=None) -> Session:
     # Only the closed target makes a closed run; any other target is an open-division run.
     division = cfg.submission_division or (None if cfg.target == config_mod.CLOSED_TARGET else "open")
     log.submission_info(cfg.submission_org, division, cfg.submission_status, cfg.submission_platform)
-    prepare_mod.ensure_data(cfg)  # generating a synthetic set is not part of the benchmark's init
+    root = prepare_mod.ensure_data(cfg)  # generating a synthetic set is not part of the benchmark's init
     log.cache_clear()
     log.start(mlperf.INIT_START)
     state = resume_state(cfg, env, resume)
-    prepared = prepare_mod.prepare(cfg, env, log)
+    prepared = prepare_mod.prepare(root, cfg, env, log)
     try:
         pipe = build_pipeline(cfg.pipeline, prepared.train, prepared.eval, cfg, env, prepared.scope)
-        criterion = build_criterion(cfg, prepared, torch.device(env.device))
+        lattice = lattice_scale(cfg, prepared)
+        criterion = build_criterion(cfg, prepared, lattice, torch.device(env.device))
         model, optimizer, scheduler = build_model_and_optimizer(cfg, env, pipe.steps_per_epoch, criterion)
     except BaseException:
         prepare_mod.cleanup(prepared, cfg.keep_staged)
@@ -194,7 +196,7 @@ def setup(cfg, env, power, resume=None) -> Session:
         paths["config"].write_text(config_mod.describe(cfg) + "\n")
     synchronize(env)
     log.end(mlperf.INIT_STOP)
-    return Session(cfg, env, log, paths, pipe, model, optimizer, scheduler, power, criterion, prepared,
+    return Session(cfg, env, log, paths, pipe, model, optimizer, scheduler, power, criterion, prepared, lattice,
                    resumed=state)
 
 
@@ -259,7 +261,7 @@ def evaluate(s: Session) -> tuple[ConfusionMatrix, object] | None:
     s.model.eval()
     cm = ConfusionMatrix(NUM_CLASSES, device=s.env.device)
     names = s.criterion.tasks
-    extra = tasks.TaskMetrics(names, lattice_scale(s.cfg, s.prepared), device=s.env.device)
+    extra = tasks.TaskMetrics(names, s.lattice, device=s.env.device)
     for x, y, t, mask in s.pipe.eval_batches():
         if stop_requested(s):
             return None

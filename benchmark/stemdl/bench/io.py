@@ -338,9 +338,10 @@ def time_steps(source, normalized: bool, steps: int, ctx) -> StepClock:
 
     cfg, env, prepared, spe = ctx["cfg"], ctx["env"], ctx["prepared"], ctx["steps_per_epoch"]
     clock = StepClock(source, normalized, ctx["warmup"] + steps, spe)
-    criterion = train.build_criterion(cfg, prepared, torch.device(env.device))
+    lattice = train.lattice_scale(cfg, prepared)
+    criterion = train.build_criterion(cfg, prepared, lattice, torch.device(env.device))
     model, optimizer, scheduler = train.build_model_and_optimizer(cfg, env, spe, criterion)
-    session = train.Session(cfg, env, None, {}, clock, model, optimizer, scheduler, None, criterion, prepared)
+    session = train.Session(cfg, env, None, {}, clock, model, optimizer, scheduler, None, criterion, prepared, lattice)
     train.train_epoch(session, 1)
     return clock
 
@@ -369,10 +370,9 @@ def step_rows(inp, cfg, env, args, bar: Progress) -> list[Steps]:
     from stemdl.pipeline import build_pipeline
 
     splits = inp.shards
-    counts = np.bincount(splits[0].labels, minlength=230)
     first = build_pipeline("torch", *splits, dataclasses.replace(cfg, loader_workers=0), env)
     ctx = {"cfg": cfg, "env": env, "warmup": args.warmup, "steps_per_epoch": first.steps_per_epoch,
-           "prepared": Prepared(splits[0], splits[1], "shards", counts)}
+           "prepared": Prepared(splits[0], splits[1])}
     held = list(itertools.islice(chained(first)(), min(first.steps_per_epoch, args.warmup + args.steps)))
     plan = step_plan(inp, cfg, env, held, args.step_workers)
     per_round = -(-args.steps // args.rounds)

@@ -537,30 +537,9 @@ def write_manifest(plan: Plan, sidecars: dict) -> dict:
     return manifest
 
 
-def _from_root(env, fn, *args):
-    """fn(*args) run on rank 0; its result, or the StemdlError it raised, on every rank. `dist.on_root`
-    but keeping the error's type (a bad sample is a DataError on every rank), and a bug on rank 0 ends
-    every rank instead of leaving them waiting."""
-    outcome = None
-    if env.is_root:
-        try:
-            outcome = (None, fn(*args))
-        except StemdlError as exc:
-            outcome = (exc, None)
-        except Exception:
-            if env.world_size == 1:
-                raise
-            traceback.print_exc()
-            dist.abort(1)
-    error, result = dist.broadcast_object(outcome)
-    if error is not None:
-        raise error
-    return result
-
-
 def convert(src, dst, opts: Options, env: dist.DistributedEnv) -> dict:
     """Convert SRC into DST; collective over the ranks of `env` (dist.setup() done). Returns the manifest."""
-    plan = _from_root(env, make_plan, src, dst, opts)
+    plan = dist.on_root(make_plan, src, dst, opts)
     todo = [j for j in plan.jobs if j.name not in plan.done]
     workers = opts.workers or default_workers(env)
     if env.is_root and not opts.quiet:
@@ -578,7 +557,7 @@ def convert(src, dst, opts: Options, env: dist.DistributedEnv) -> dict:
     skipped = [s for job in plan.jobs for s in sidecars[job.name]["skipped"]]
     if len(skipped) > opts.max_bad * plan.total:
         raise _too_many_bad(skipped, plan.total, opts.max_bad)
-    return _from_root(env, write_manifest, plan, sidecars)
+    return dist.on_root(write_manifest, plan, sidecars)
 
 
 # ---- the command -----------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Everything the timed run does to its data during init, before the clock: find, check, stage, split.
 
-    prepared = prepare(cfg, env, log)        # collective: every rank calls it
+    root = ensure_data(cfg)                  # before init_start: making a synthetic set is not init
+    prepared = prepare(root, cfg, env, log)  # collective: every rank calls it
     prepared.train, prepared.eval            # splits for stemdl.pipeline (see stemdl.data.source)
     cleanup(prepared)                        # in `finally`: removes the staged copy (unless keep_staged)
 
@@ -35,11 +36,14 @@ from stemdl.errors import StemdlError
 class Prepared:
     train: object
     eval: object
-    kind: str  # "hdf5" or "shards"
-    class_counts: np.ndarray  # training samples per class index (230,)
     skipped: int = 0
     staged: object = None  # stemdl.staging.Staged, or None
     scope: object = None  # stemdl.pipeline.NodeScope with shard_scope node, else None
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        """Training samples per class index (230,): what the class-imbalance losses weigh by."""
+        return np.bincount(self.train.labels, minlength=230)
 
 
 def _generate(root: Path, preset: str) -> None:
@@ -59,14 +63,11 @@ def ensure_data(cfg) -> Path:
     return root
 
 
-def prepare(cfg, env, log) -> Prepared:
+def prepare(root: Path, cfg, env, log) -> Prepared:
+    """The run's splits from the data folder `root` (as `ensure_data` returned it)."""
     from stemdl.data.shards import is_shard_dir
 
-    root = ensure_data(cfg)
-    prepared = _shards(root, cfg, env, log) if is_shard_dir(root) else _raw(root, cfg, env, log)
-    counts = np.bincount(prepared.train.labels, minlength=230)
-    prepared.class_counts = counts
-    return prepared
+    return _shards(root, cfg, env, log) if is_shard_dir(root) else _raw(root, cfg, env, log)
 
 
 # ---- raw HDF5 ---------------------------------------------------------------------------------------------
@@ -99,10 +100,9 @@ def _raw(root: Path, cfg, env, log) -> Prepared:
     train, evaluation = raw_splits(index, cfg, keep)
     scope = None
     if cfg.shard_scope == "node":  # units: the files, which a node then reads alone
-        files, units = np.unique(np.asarray(train.paths), return_inverse=True)
-        sizes = [int(index.file_size[index.files.index(str(Path(f).relative_to(index.root)))]) for f in files]
-        scope, _ = node_scope(units, sizes, env)
-    return Prepared(train, evaluation, "hdf5", np.empty(0), skipped, scope=scope)
+        files, units = np.unique(index.file_index[train.rows], return_inverse=True)
+        scope, _ = node_scope(units, [int(n) for n in index.file_size[files]], env)
+    return Prepared(train, evaluation, skipped, scope=scope)
 
 
 # ---- converted shards -------------------------------------------------------------------------------------
@@ -112,8 +112,7 @@ def _shards(root: Path, cfg, env, log) -> Prepared:
 
     shards = ShardSet.open(root, verify="none")
     _check_preprocessing(root, shards.preprocess, cfg)
-    train = shards.split(cfg.train_split)
-    shards.split(cfg.eval_split)  # a missing split is named before anything is copied
+    train, evaluation = shards.split(cfg.train_split), shards.split(cfg.eval_split)
     scope, mine = None, None
     if cfg.shard_scope == "node":  # units: the shards, which a node then stages and reads alone
         sizes = [int(sh["files"]["images"]["bytes"]) for sh in train.shards]
@@ -122,12 +121,11 @@ def _shards(root: Path, cfg, env, log) -> Prepared:
     staged = None
     if cfg.stage_dir:
         staged = _stage(shards, needed, cfg, env, log)
-        # with node scope the copy holds only this node's training shards: read their images there
-        train = train.relocated(staged.root) if scope else shards.with_root(staged.root).split(cfg.train_split)
-        shards = shards.with_root(staged.root)
+        # labels and targets are already in memory: only the images are read from the staged copy
+        train, evaluation = train.relocated(staged.root), evaluation.relocated(staged.root)
     elif cfg.verify_shards != "none":
         _verify(shards, needed, cfg.verify_shards, env)
-    return Prepared(train, shards.split(cfg.eval_split), "shards", np.empty(0), 0, staged, scope)
+    return Prepared(train, evaluation, 0, staged, scope)
 
 
 def node_scope(units: np.ndarray, unit_bytes: list[int], env):
@@ -181,14 +179,13 @@ def _stage(shards, entries, cfg, env, log):
 
 
 def _verify(shards, entries, how: str, env) -> None:
-    """Every rank checks a slice of the files (a sha256 of a 9 GB set split over the ranks); a mismatch
-    anywhere stops every rank with the same line."""
+    """Every rank checks a slice of the files (a sha256 of a 9 GB set, or a stat of thousands of files on
+    a shared file system, split over the ranks); a mismatch anywhere stops every rank with the same line."""
     from stemdl.data.shards import verify_files
 
-    mine = entries[env.rank::env.world_size] if how == "checksum" else entries
     problem = None
     try:
-        verify_files(shards.root, mine, how)
+        verify_files(shards.root, entries[env.rank::env.world_size], how)
     except StemdlError as exc:
         problem = str(exc)
     problems = [p for p in dist.allgather_object(problem) if p]

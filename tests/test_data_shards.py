@@ -51,8 +51,15 @@ def test_read_gathers_any_indices_from_the_shards(converted):
     assert (len(train), train.image_shape, train.dtype) == (8, (3, 16, 16), np.uint8)
     assert train.shard_of.tolist() == [0, 0, 0, 1, 2, 2, 2, 2] and train.offsets.tolist() == [0, 3, 4, 8]
     everything = stored_images(converted, "train")
-    for indices in ([7, 0, 3, 3, 5], [], np.arange(8)[::-1], [4]):
+    # runs within a shard, runs across a shard's end, repeats, reversed runs, one sample, none
+    for indices in ([7, 0, 3, 3, 5], [], np.arange(8)[::-1], [4], [1, 2, 3, 4, 5, 6], [5, 6, 0, 1, 2], [2, 2]):
         assert np.array_equal(train.read(indices), everything[np.asarray(indices, dtype=np.int64)])
+    out = np.full((4, 3, 16, 16), 7, dtype=np.uint8)
+    assert train.read([6, 4, 5, 0], out=out) is out and np.array_equal(out, everything[[6, 4, 5, 0]])
+    with pytest.raises(ValueError, match=r"out is uint8 \(3, 3, 16, 16\), needs uint8 \(4, 3, 16, 16\)"):
+        train.read([0, 1, 2, 3], out=out[:3])
+    with pytest.raises(IndexError, match="has 8 samples; asked for 0..8"):
+        train.read([0, 8])
     assert train.labels.dtype == np.int64 and train.labels.tolist() == [13, 61, 193, 224, 13, 61, 193, 224]
     assert train.targets.dtype == np.float32 and train.targets.shape == (8, 6)
     assert train.names[4] == "train/batch_train_2.h5:sample_4_0" == train.name_of(4)

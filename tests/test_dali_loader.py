@@ -49,19 +49,24 @@ class ArraySplit:
         return self.images[indices]
 
 
-def expected(split: ArraySplit, order: np.ndarray):
+def expected(split: ArraySplit, order: np.ndarray, normalized: bool):
     for k in range(0, len(order), BATCH):
         rows = order[k:k + BATCH]
-        yield (normalize(torch.from_numpy(split.read(rows))), torch.from_numpy(split.labels[rows]),
-               torch.from_numpy(split.targets[rows]))
+        x = torch.from_numpy(split.read(rows))
+        yield normalize(x) if normalized else x, torch.from_numpy(split.labels[rows]), torch.from_numpy(split.targets[rows])
 
 
-def assert_batches(got: list, split: ArraySplit, order: np.ndarray, mask: np.ndarray | None = None) -> None:
+def assert_batches(got: list, split: ArraySplit, order: np.ndarray, mask: np.ndarray | None = None,
+                   normalized: bool = False) -> None:
+    """`got` holds the images of `order` (normalized, or the stored values as they are), labels, targets."""
     assert len(got) == len(order) // BATCH
-    for k, (batch, (x, y, t)) in enumerate(zip(got, expected(split, order), strict=True)):
+    for k, (batch, (x, y, t)) in enumerate(zip(got, expected(split, order, normalized), strict=True)):
         assert len(batch) == (3 if mask is None else 4)
-        assert batch[0].dtype == torch.float32 and batch[0].shape == x.shape
-        assert torch.allclose(batch[0], x, rtol=0, atol=1e-5)
+        assert batch[0].dtype == x.dtype and batch[0].shape == x.shape
+        if normalized:
+            assert torch.allclose(batch[0], x, rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(batch[0], x)
         assert batch[1].dtype == torch.int64 and torch.equal(batch[1], y)
         assert batch[2].dtype == torch.float32 and torch.equal(batch[2], t)
         if mask is not None:
@@ -70,15 +75,31 @@ def assert_batches(got: list, split: ArraySplit, order: np.ndarray, mask: np.nda
 
 @needs_dali
 @pytest.mark.parametrize("dtype", [np.uint8, np.float16])
-def test_train_and_eval_batches_are_normalize_of_the_harness_order(dtype):
+@pytest.mark.parametrize("norm", [None, True], ids=["cpu-default", "gpu-normalize-on-cpu-ops"])
+def test_train_and_eval_batches_follow_the_harness_order(dtype, norm):
     split = ArraySplit(40, dtype)
-    feed = DaliBatches(split, BATCH, device_id=None, num_threads=1)
+    feed = DaliBatches(split, BATCH, device_id=None, num_threads=1, normalize=norm)
+    assert feed.normalized is bool(norm), "on the CPU DALI hands on the stored values unless asked to normalize"
     order = train_shard(len(split), 5, 1, 1, 2, BATCH)  # rank 1 of 2: 20 samples, 5 batches
     got = list(feed.epoch(order))  # every batch held to the end: later batches must not overwrite them
-    assert_batches(got, split, order)
+    assert_batches(got, split, order, normalized=feed.normalized)
     indices, mask = eval_shard(len(split) - 5, 1, 2, BATCH)  # 17 for rank 1, padded to 20
     assert not mask.all()
-    assert_batches(list(feed.epoch(indices, mask)), split, indices, mask)
+    assert_batches(list(feed.epoch(indices, mask)), split, indices, mask, normalized=feed.normalized)
+
+
+@needs_dali
+def test_the_source_arrays_stay_untouched_while_dali_holds_them():
+    """no_copy: DALI reads the source's arrays in place, so a read must never reuse a buffer DALI still holds."""
+    split = ArraySplit(64)
+    reads = []
+    original = split.read
+    split.read = lambda rows: reads.append(original(rows)) or reads[-1]
+    feed = DaliBatches(split, BATCH, device_id=None, prefetch=3)
+    order = train_shard(len(split), 2, 1, 0, 1, BATCH)
+    got = list(feed.epoch(order))
+    assert_batches(got, split, order)
+    assert all(got[k][0].data_ptr() != reads[k].ctypes.data for k in range(len(got))), "x is torch's own copy"
 
 
 @needs_dali

@@ -1,6 +1,7 @@
 """The pipelines behind the factory give the same batches for the same seed and epoch, from raw HDF5 and from
 converted shards; DALI's CPU ops give the torch path's values."""
 
+import multiprocessing
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,7 @@ from stemdl.data.index import load_or_build
 from stemdl.data.shards import ShardSet
 from stemdl.data.source import raw_splits
 from stemdl.errors import StemdlError
-from stemdl.pipeline import PIPELINES, build_pipeline
+from stemdl.pipeline import PIPELINES, build_pipeline, reads_in_process
 from stemdl.preprocess import normalize
 from stemdl.synth import generate
 
@@ -70,7 +71,7 @@ def test_memory_torch_and_dali_give_the_same_batches_from_raw_data(index):
     cfg = load_config("smoke", {"batch_size": 2})
     train, dev = raw_splits(index, cfg)
     memory, torch_pipe, dali = (build_pipeline(name, train, dev, cfg, Env()) for name in ("memory", "torch", "dali"))
-    assert dali.normalized and not memory.normalized
+    assert not dali.normalized and not memory.normalized, "on the CPU every pipeline leaves normalizing to the step"
     for epoch in (1, 2):
         a_train, a_eval = batches(memory, epoch)
         assert len(a_train) == memory.steps_per_epoch == 4
@@ -94,6 +95,17 @@ def test_uint8_shards_hold_exactly_what_the_raw_pipeline_computes(index, shards)
         assert_same(a_eval, b_eval)
 
 
+def test_shards_are_read_in_the_training_process_and_raw_data_by_workers(index, shards):
+    """A shard batch is a memory copy: no DataLoader (whose worker hand-over costs 15x the read) for shards."""
+    cfg = load_config("smoke", {"batch_size": 2, "loader_workers": 2})
+    train = shards.split("train")
+    assert reads_in_process(train) and not reads_in_process(raw_splits(index, cfg)[0])
+    pipe = build_pipeline("torch", train, shards.split("dev"), cfg, Env())
+    first = next(pipe.train_batches(1))
+    assert not multiprocessing.active_children(), "no worker process was started for shards"
+    assert first[0].dtype == torch.uint8 and first[0].shape == (2, 3, cfg.image_size, cfg.image_size)
+
+
 def test_dali_on_shards_equals_the_torch_path(shards):
     pytest.importorskip("nvidia.dali")
     cfg = load_config("smoke", {"batch_size": 2})
@@ -102,8 +114,8 @@ def test_dali_on_shards_equals_the_torch_path(shards):
     for epoch in (1, 2):
         a_train, a_eval = batches(torch_pipe, epoch)
         b_train, b_eval = batches(dali, epoch)
-        assert_same(a_train, b_train, normalized_b=True)
-        assert_same(a_eval, b_eval, normalized_b=True)
+        assert_same(a_train, b_train, dali.normalized)
+        assert_same(a_eval, b_eval, dali.normalized)
 
 
 def test_ranks_split_the_validation_set_exactly_once(index):

@@ -1,24 +1,30 @@
-"""The DALI input pipeline: batches in the harness's order, normalized by DALI, handed over as torch tensors.
+"""The DALI input pipeline: images in the harness's order, normalized by DALI on the GPU, as torch tensors.
 
     feed = DaliBatches(split, batch_size=64, device_id=env.local_rank)   # device_id=None: DALI's CPU ops
     for x, y, t in feed.epoch(shard.train_shard(len(split), seed, epoch, rank, world, 64)): ...
     for x, y, t, mask in feed.epoch(*shard.eval_shard(len(split), rank, world, 64)): ...
+    x = x if feed.normalized else normalize(x)
 
-x is float32 (B, 3, S, S), already `stemdl.preprocess.normalize`d; y int64 class indices (B,); t float32
-targets (B, 6); mask bool (B,), False on evaluation padding. On a GPU, x, y and t are on cuda:device_id and
-the mask stays on the CPU, as in the torch pipelines. `split` is anything with `.read(indices) -> (B, 3, S,
-S)` uint8 or float16 in 0..255, `.labels` (int64 class index, (n,)), `.targets` (float32 (n, 6)) and
-`.dtype`: a split of `stemdl.data.shards`.
+On a GPU, x is float32 (B, 3, S, S), already `stemdl.preprocess.normalize`d, and x, y and t are on
+cuda:device_id. On the CPU (device_id=None) x keeps the stored dtype and values (uint8 or float16 in 0..255)
+and `normalized` is False: the training step normalizes, as it does for the torch pipelines. On a CPU the
+two would run on the same device, and DALI's float32 would be 4 bytes a pixel to copy into torch instead
+of 1 (measured: 0.9 against 2.5 GB/s of shard bytes at 64x64, batch 64). y is int64 class indices (B,),
+t float32 targets (B, 6), mask bool (B,), False on evaluation padding, always on the CPU. `split` is
+anything with `.read(indices) -> (B, 3, S, S)` uint8 or float16 in 0..255, `.labels` (int64 class index,
+(n,)), `.targets` (float32 (n, 6)) and `.dtype`: a split of `stemdl.data.shards`.
 
 The order is the harness's, never DALI's: `stemdl.data.shard` decides which samples each rank sees in
 which batch, so one external_source (batch mode) pulls `split.read(order[k*B:(k+1)*B])` and raises
-StopIteration at the end of the epoch's order; DALI copies the batch to the GPU (`.gpu()`) and normalizes
-it there with crop_mirror_normalize (mean NORM_MEAN * 255, std NORM_STD * 255, layout CHW kept). DALI's
-crop_mirror_normalize takes float16 input on the CPU too (checked with DALI 2.4) and computes in float32,
-so float16 shards need no cast. The pipeline is built once; each epoch points the source at a new order
-and resets it. A DALI iterator cannot be reset mid-epoch and its pipeline holds up to `prefetch` batches
-read ahead, so when an epoch was abandoned (a run stopped by a signal) the next `epoch()` stops the
-source, drains those batches and then resets; after an error the pipeline is rebuilt.
+StopIteration at the end of the epoch's order. Only images go through DALI: the labels and targets of
+batch k are `order[k*B:(k+1)*B]`'s, taken by the harness (DALI's per-batch cost grows with its outputs).
+The source passes its arrays without a copy (`no_copy`) and keeps the last `prefetch + 2` alive, longer
+than DALI holds them. On a GPU, DALI copies the batch to the device (`.gpu()`) and normalizes it there with
+crop_mirror_normalize (mean NORM_MEAN * 255, std NORM_STD * 255, layout CHW kept), which takes float16
+input too and computes in float32. The pipeline is built once; each epoch points the source at a new
+order and resets it. A DALI iterator cannot be reset mid-epoch and its pipeline holds up to `prefetch`
+batches read ahead, so when an epoch was abandoned (a run stopped by a signal) the next `epoch()` stops
+the source, drains those batches and then resets; after an error the pipeline is rebuilt.
 
 The callback runs in the caller's thread when the iterator asks for a batch, `prefetch` batches ahead; on
 a GPU that thread only queues the training step's kernels, so the read overlaps the GPU's work. DALI's
@@ -37,6 +43,7 @@ host-to-device copy that DALI's prefetch overlaps with training.
 
 from __future__ import annotations
 
+import collections
 import time
 
 import numpy as np
@@ -48,7 +55,6 @@ from stemdl.preprocess import NORM_MEAN, NORM_STD
 INSTALL_HINT = ("pipeline 'dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
                 "(or the -cuda120 wheel matching your CUDA)")
 IMAGE_DTYPES = ("uint8", "float16")  # what the shards store; values 0..255 either way
-OUTPUTS = ("x", "y", "t")
 
 
 def _import_dali():
@@ -74,10 +80,11 @@ class _Feed:
     """The external_source callback: the next batch of the current order, StopIteration after the last.
     DALI calls it from the thread that runs the iterator, so its state needs no lock."""
 
-    def __init__(self, split, batch_size: int):
+    def __init__(self, split, batch_size: int, keep: int):
         self.split, self.batch_size = split, batch_size
         self.order = np.empty(0, dtype=np.int64)
         self.next_batch = 0
+        self.alive = collections.deque(maxlen=keep)  # no_copy: DALI reads these arrays in place
 
     def start(self, order: np.ndarray) -> None:
         self.order, self.next_batch = order, 0
@@ -91,16 +98,16 @@ class _Feed:
         if start >= len(self.order):
             raise StopIteration
         self.next_batch += 1
-        rows = self.order[start:start + self.batch_size]
-        return (np.ascontiguousarray(self.split.read(rows)), np.ascontiguousarray(self.split.labels[rows]),
-                np.ascontiguousarray(self.split.targets[rows]))
+        images = np.ascontiguousarray(self.split.read(self.order[start:start + self.batch_size]))
+        self.alive.append(images)
+        return images
 
 
 class DaliBatches:
-    """Batches of a split in a given order, read by a DALI external_source and normalized by DALI."""
+    """Batches of a split in a given order, read by a DALI external_source (and normalized by DALI on a GPU)."""
 
     def __init__(self, split, batch_size: int, device_id: int | None, num_threads: int = 2,
-                 prefetch: int = 2, seed: int = 0):
+                 prefetch: int = 2, seed: int = 0, normalize: bool | None = None):
         self._dali = _import_dali()
         dtype = np.dtype(split.dtype)
         if dtype.name not in IMAGE_DTYPES:
@@ -112,7 +119,11 @@ class DaliBatches:
         self.split, self.batch_size, self.device_id = split, batch_size, device_id
         self._settings = {"num_threads": num_threads, "prefetch_queue_depth": prefetch, "seed": seed}
         self._image_type = dtype.name
-        self._feed = _Feed(split, batch_size)
+        # False: x holds the stored values and the step normalizes. None: DALI normalizes on a GPU only (True
+        # on the CPU runs the GPU path's normalization on DALI's CPU ops, which is how the tests check it).
+        self.normalized = device_id is not None if normalize is None else bool(normalize)
+        self._device = None if device_id is None else torch.device("cuda", device_id)
+        self._feed = _Feed(split, batch_size, keep=prefetch + 2)
         self._generation = 0  # bumped by every epoch(): an older epoch's iterator may no longer pull
         start = time.perf_counter()
         self._build()
@@ -123,19 +134,18 @@ class DaliBatches:
         pipe = Pipeline(batch_size=self.batch_size, device_id=self.device_id, **self._settings)
         image_type = types.UINT8 if self._image_type == "uint8" else types.FLOAT16
         with pipe:
-            images, labels, targets = fn.external_source(
-                self._feed, num_outputs=3, batch=True, layout=["CHW", "", ""],
-                dtype=[image_type, types.INT64, types.FLOAT], ndim=[3, 0, 1])
+            x = fn.external_source(self._feed, batch=True, layout="CHW", dtype=image_type, ndim=3, no_copy=True)
             if self.device_id is not None:
-                images, labels, targets = images.gpu(), labels.gpu(), targets.gpu()
-            # (u - 255 m) / (255 s) = (u / 255 - m) / s: stemdl.preprocess.normalize, in one DALI kernel.
-            x = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                         mean=NORM_MEAN * 255.0, std=NORM_STD * 255.0)
-            pipe.set_outputs(x, labels, targets)
+                x = x.gpu()
+            if self.normalized:
+                # (u - 255 m) / (255 s) = (u / 255 - m) / s: stemdl.preprocess.normalize, in one DALI kernel.
+                x = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW",
+                                             mean=NORM_MEAN * 255.0, std=NORM_STD * 255.0)
+            pipe.set_outputs(x)
         pipe.build()
         # The end of an epoch is the source's StopIteration (size -1), never a count; nothing runs until the
         # first epoch asks, so no batch is read before an order is set.
-        self._iter = DALIGenericIterator(pipe, list(OUTPUTS), last_batch_policy=LastBatchPolicy.PARTIAL,
+        self._iter = DALIGenericIterator(pipe, ["x"], last_batch_policy=LastBatchPolicy.PARTIAL,
                                          prepare_first_batch=False)
         self._scheduled = False  # the pipeline has run: the next epoch must reset it first
         self._pending = False  # an epoch's batches may still sit in the pipeline
@@ -161,7 +171,7 @@ class DaliBatches:
         self._scheduled = self._pending = True
         self._generation += 1
         mask = None if mask is None else torch.from_numpy(np.asarray(mask, dtype=bool))
-        return self._batches(self._generation, mask)
+        return self._batches(self._generation, order, mask)
 
     def _settle(self) -> None:
         """Leave the pipeline ready for a new order: rebuilt after an error, emptied after an abandoned epoch."""
@@ -177,7 +187,7 @@ class DaliBatches:
             except Exception:  # a batch nobody wants any more failed: start afresh
                 self._build()
 
-    def _batches(self, generation: int, mask: torch.Tensor | None):
+    def _batches(self, generation: int, order: np.ndarray, mask: torch.Tensor | None):
         b, k = self.batch_size, 0
         while True:
             if generation != self._generation:
@@ -190,6 +200,10 @@ class DaliBatches:
             except BaseException:
                 self._broken = True  # e.g. a DataError from split.read: DALI's state is unknown, rebuild
                 raise
-            batch = tuple(out[name] for name in OUTPUTS)
+            rows = order[k * b:(k + 1) * b]
+            y, t = torch.from_numpy(self.split.labels[rows]), torch.from_numpy(self.split.targets[rows])
+            if self._device is not None:
+                y, t = y.to(self._device, non_blocking=True), t.to(self._device, non_blocking=True)
+            batch = (out["x"], y, t)
             yield batch if mask is None else batch + (mask[k * b:(k + 1) * b],)
             k += 1

@@ -14,10 +14,15 @@ shards) in 0..255, or, from `dali`, those values normalized to float32.
 
 - `memory`: everything is read once, during init (outside the clock); epochs then index tensors in memory.
   For sets that fit in memory (the synthetic default: 2,400 samples are 30 MB at 64x64).
-- `torch`: a DataLoader whose worker processes read each batch during the epoch (one `split.read` per
-  batch: a single gather from memory-mapped shards, or per-sample HDF5 reads and preprocessing).
-- `dali`: NVIDIA DALI (stemdl.dali_loader): batches fed in the harness's order by an external source,
-  cast and normalized on the GPU (on the CPU with no GPU, which is how CI tests it).
+- `torch`: torch tensors read during the epoch, one `split.read` per batch. From raw HDF5 (per-sample reads,
+  log scaling, resizing: CPU work) a DataLoader's `loader_workers` worker processes do it. From shards a
+  read is a memory copy from memory-mapped files (about 0.1 ms a batch of 64 at 64x64), so it runs in the
+  training process: handing a batch over from a worker process cost about 1.5 ms on the project's machine,
+  15 times the read itself (docs/performance.md), and `loader_workers` does not apply.
+- `dali`: NVIDIA DALI (stemdl.dali_loader): images fed in the harness's order by an external source,
+  cast and normalized on the GPU. With no GPU (`device_id=None`, how CI tests it) DALI hands the stored
+  values on and the step normalizes them, as for the torch pipelines: on a CPU both run on the same
+  device, and DALI's float32 output would be 4 bytes a pixel to copy instead of 1.
 """
 
 from __future__ import annotations
@@ -58,9 +63,18 @@ class BatchReads(torch.utils.data.Dataset):
                 torch.from_numpy(self.split.labels[rows]), torch.from_numpy(self.split.targets[rows]))
 
 
+def reads_in_process(split) -> bool:
+    """True for splits whose read is a memory copy (shards): worker processes would cost more than they save."""
+    return bool(getattr(split, "reads_are_copies", False))
+
+
 def _loader(split, order, batch_size: int, workers: int):
-    return torch.utils.data.DataLoader(BatchReads(split, order, batch_size), batch_size=None, shuffle=False,
-                                       num_workers=workers, persistent_workers=False)
+    """The batches of `order`: read in this process for shards, by a DataLoader with `workers` otherwise."""
+    reads = BatchReads(split, order, batch_size)
+    if reads_in_process(split):
+        return (reads[k] for k in range(len(reads)))
+    return torch.utils.data.DataLoader(reads, batch_size=None, shuffle=False, num_workers=workers,
+                                       persistent_workers=False)
 
 
 class _Pipeline:
@@ -148,7 +162,6 @@ class TorchPipeline(_Pipeline):
 
 class DaliPipeline(_Pipeline):
     name = "dali"
-    normalized = True
 
     def __init__(self, train, evaluation, cfg, env, scope: NodeScope | None = None):
         super().__init__(train, evaluation, cfg, env, scope)
@@ -158,6 +171,7 @@ class DaliPipeline(_Pipeline):
         threads = max(1, cfg.loader_workers)
         self._train = DaliBatches(train, cfg.batch_size, device_id, num_threads=threads, seed=cfg.seed)
         self._eval = DaliBatches(evaluation, cfg.batch_size, device_id, num_threads=threads, seed=cfg.seed)
+        self.normalized = self._train.normalized
 
     def train_batches(self, epoch: int):
         yield from self._train.epoch(self.train_shard(epoch))

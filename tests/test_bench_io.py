@@ -13,15 +13,15 @@ from stemdl.cli import main
 # The smallest useful run: 16x16 shards, batches of 4, one round of 2 timed steps, one forked worker, and one
 # torch thread (two spinning threads on a busy 2-core machine make a 16x16 step take half a second).
 TINY = ["--size", "16", "--batch", "4", "--steps", "2", "--rounds", "1", "--warmup", "1", "--epochs", "1",
-        "--workers", "1", "--step-workers", "0,1", "--threads", "1"]
+        "--workers", "1", "--step-workers", "1", "--threads", "1"]
 
 ROWS = ["raw .h5 files, 8 MiB reads, page cache", "raw .h5 files, 8 MiB reads, disk",
         "cbed_stack, h5py read_direct, page cache", "cbed_stack, h5py read_direct, disk",
         "shard .images.npy, 8 MiB reads, page cache", "shard .images.npy, 8 MiB reads, disk",
-        "raw HDF5 -> preprocess, torch, 1 workers", "shards -> torch, 1 workers",
+        "raw HDF5 -> preprocess, torch, 1 workers", "shards -> torch, read in the training process",
         "shards, batch gathers (split.read), no pipeline", "shards -> dali (CPU ops), 1 threads",
-        "shards -> memory pipeline"]
-STEPS = ["in memory (batches held)", "memory pipeline", "torch, 0 workers", "torch, 1 workers", "dali, 1 threads",
+        "shards -> torch DataLoader, 1 worker processes (not used)", "shards -> memory pipeline"]
+STEPS = ["in memory (batches held)", "memory pipeline", "torch on shards, in process", "dali, 1 threads",
          "torch on raw HDF5, 1 workers"]
 
 

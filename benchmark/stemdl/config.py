@@ -38,7 +38,7 @@ class RunConfig:
     train_split: str = "train"
     eval_split: str = "dev"
     pipeline: str = "memory"  # input pipeline: memory | torch | dali (see stemdl.pipeline.PIPELINES)
-    loader_workers: int = 2
+    loader_workers: int = 2  # raw HDF5: DataLoader worker processes; dali: its threads; shards are read in process
     shard_scope: str = "global"  # global: one permutation over all samples; node: each node reads only its part
     stage_dir: str | None = None  # node-local folder to copy converted shards to during init ($TMPDIR, /dev/shm)
     keep_staged: bool = False  # leave the staged copy in place at exit (a persistent burst buffer)

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from mpirun import MPI_ENV, mpiexec
 
 from stemdl.data import convert, layout
 from stemdl.data.index import load_or_build
@@ -26,12 +27,7 @@ from stemdl.preprocess import Preprocess
 from stemdl.progress import Progress
 
 CHECK_SCRIPT = Path(__file__).resolve().parent / "mpi" / "convert_check.py"
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-
-
-def mpiexec() -> str | None:
-    beside = Path(sys.executable).with_name("mpiexec")
-    return str(beside) if beside.exists() else shutil.which("mpiexec")
+ENV = {**os.environ, **MPI_ENV}
 
 
 GROUPS = (14, 62, 194, 225)

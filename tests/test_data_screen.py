@@ -11,8 +11,6 @@ import os
 import pickle
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from mpirun import SKIP_REASON, mpiexec, run_ranks
 
 from stemdl.data import layout
 from stemdl.data.index import load_or_build
@@ -363,26 +362,15 @@ MPI_SCRIPT = textwrap.dedent("""
 
 
 def test_two_ranks_under_mpiexec_agree_with_one(tmp_path, fixture_dir):
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
-    if mpiexec is None:
-        pytest.skip("no mpiexec beside the interpreter or on PATH (pip install mpich)")
+    if mpiexec() is None:
+        pytest.skip(SKIP_REASON)
     root = _small_set(tmp_path / "d", fixture_dir, {"train": [3, 6, 2, 5, 4], "dev": [3, 3]})
     index = _index(root)
     (tmp_path / "index.pkl").write_bytes(pickle.dumps(index))
     _damage_some(root)
     whole = screen(index, np.arange(len(index)), pixels=True, workers=1, quiet=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1",
-           "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
-    argv = [mpiexec, "-n", "2", sys.executable, "-c", MPI_SCRIPT, str(tmp_path / "index.pkl"), str(tmp_path)]
-    proc = subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"mpiexec -n 2 did not finish in 120 s:\n{out}")
+    proc = run_ranks([sys.executable, "-c", MPI_SCRIPT, tmp_path / "index.pkl", tmp_path])
+    out = proc.stdout
     assert proc.returncode == 0, out
     for rank in (0, 1):
         r = json.loads((tmp_path / f"rank_{rank}.json").read_text())

@@ -1,8 +1,5 @@
 """The distributed environment: one rank in this process, two ranks under mpiexec, and the failure modes."""
 
-import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mpirun import run_ranks
 
 from stemdl import dist
 from stemdl.errors import StemdlError
@@ -142,28 +140,9 @@ def test_address_for_other_nodes_is_not_loopback():
         s.bind((addr, 0))  # an address of this host
 
 
-def _mpiexec() -> str | None:
-    beside = Path(sys.executable).parent / "mpiexec"  # the venv's own (the mpich wheel), not the site's
-    return str(beside) if beside.exists() else shutil.which("mpiexec") or shutil.which("mpirun")
-
-
 def test_two_ranks_under_mpiexec():
-    mpiexec = _mpiexec()
-    if mpiexec is None:
-        pytest.skip("no mpiexec beside the interpreter or on PATH (pip install mpich)")
-    env = {**os.environ,
-           "OMP_NUM_THREADS": "1",  # two ranks share the cores
-           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",  # Open MPI as root (CI)
-           "OMPI_MCA_rmaps_base_oversubscribe": "1",  # Open MPI on a one-core runner; MPICH ignores these
-           "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe"}
-    proc = subprocess.Popen([mpiexec, "-n", "2", sys.executable, str(CHECK_SCRIPT)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # mpiexec and the ranks it started
-        out, _ = proc.communicate()
-        pytest.fail(f"mpiexec -n 2 did not finish in 120 s:\n{out}")
+    proc = run_ranks([sys.executable, CHECK_SCRIPT])
+    out = proc.stdout
     assert proc.returncode == 0, out
     for rank in (0, 1):
         assert f"rank {rank}/2 ok local {rank}/2 node 0/1 sum 3" in out, out

@@ -2,20 +2,15 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from mpirun import mpiexec
 
 from stemdl.check import check_log
 from stemdl.cli import main
-
-
-def mpiexec() -> str | None:
-    beside = Path(sys.executable).with_name("mpiexec")
-    return str(beside) if beside.exists() else shutil.which("mpiexec")
 
 
 def run_smoke(tiny_data, log_dir, *extra) -> dict:

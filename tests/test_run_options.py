@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,18 +9,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from mpirun import MPI_ENV, mpiexec
 
 from stemdl.check import check_log
 from stemdl.cli import main
 
 
-def mpiexec() -> str | None:
-    beside = Path(sys.executable).with_name("mpiexec")
-    return str(beside) if beside.exists() else shutil.which("mpiexec")
-
-
 def mpi_env() -> dict:
-    return {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    return {**os.environ, **MPI_ENV}
 
 
 def run(data, log_dir, *extra, status=0) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from stemdl.check import check_log
-from test_run import mpiexec
+from mpirun import mpiexec
 
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
 RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")

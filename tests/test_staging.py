@@ -5,7 +5,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 from collections import namedtuple
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mpirun import run_ranks
 
 from stemdl import dist, staging
 from stemdl.errors import StemdlError
@@ -236,31 +236,10 @@ def test_node_split_examples():
 
 # ---- two ranks under mpiexec ----------------------------------------------------------------------------
 
-def _mpiexec() -> str | None:
-    beside = Path(sys.executable).parent / "mpiexec"  # the venv's own (the mpich wheel), not the site's
-    return str(beside) if beside.exists() else shutil.which("mpiexec") or shutil.which("mpirun")
-
-
 def run_two_ranks(tmp_path: Path, entries: list, src: Path) -> subprocess.CompletedProcess:
-    mpiexec = _mpiexec()
-    if mpiexec is None:
-        pytest.skip("no mpiexec beside the interpreter or on PATH (pip install mpich)")
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps(entries))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1", "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe"}
-    command = [mpiexec, "-n", "2", sys.executable, str(CHECK_SCRIPT), str(manifest), str(src),
-               str(tmp_path / "local"), "mpi"]
-    proc = subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # mpiexec and the ranks it started
-        out, _ = proc.communicate()
-        pytest.fail(f"mpiexec -n 2 did not finish in 120 s (a hang):\n{out}")
-    return subprocess.CompletedProcess(command, proc.returncode, out)
+    return run_ranks([sys.executable, CHECK_SCRIPT, manifest, src, tmp_path / "local", "mpi"])
 
 
 MPI_SIZES = {f"train/shard_{i:03d}.bin": 20_000 + 7_000 * i for i in range(6)}

@@ -244,8 +244,8 @@ class Head:
     def __len__(self) -> int:
         return self.n
 
-    def read(self, indices, out=None) -> np.ndarray:
-        return self.split.read(indices) if out is None else self.split.read(indices, out=out)
+    def read(self, indices) -> np.ndarray:
+        return self.split.read(indices)
 
 
 def epoch_rate(pipe, epochs: int) -> tuple[int, float, int, float]:

@@ -82,8 +82,18 @@ def test_a_split_crosses_into_workers_without_its_memory_maps(converted):
 def test_open_maps_are_bounded(converted, monkeypatch):
     monkeypatch.setattr(shards_mod, "MAX_OPEN", 1)
     train = ShardSet.open(converted).split("train")
-    assert np.array_equal(train.read([0, 3, 5]), stored_images(converted, "train")[[0, 3, 5]])
+    everything = stored_images(converted, "train")
+    assert np.array_equal(train.read([0, 3, 5]), everything[[0, 3, 5]])  # 3 shards, read one at a time
     assert len(train._maps) == 1
+    monkeypatch.setattr(shards_mod, "MAX_OPEN", 2)
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # shards opened and closed again, batch after batch
+        rows = rng.integers(0, 8, rng.integers(1, 9))
+        assert np.array_equal(train.read(rows), everything[rows])
+        assert len(train._maps) <= 2
+        closed = [k for k in range(3) if k not in train._maps]
+        assert not train._viewed[closed].any()
+        assert all(train._rows[i] is None for i in range(8) if train.shard_of[i] in closed), "no view keeps a map"
 
 
 def test_truncated_flipped_and_missing_files_are_named(root):

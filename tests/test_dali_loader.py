@@ -29,9 +29,12 @@ needs_dali = pytest.mark.skipif(not _have_dali(), reason="nvidia.dali is not ins
 class ArraySplit:
     """A stand-in for a converted split (stemdl.data.shards): images, labels and targets in memory."""
 
-    def __init__(self, n: int, dtype=np.uint8, size: int = 16, seed: int = 0, bad: int | None = None):
+    def __init__(self, n: int, dtype=np.uint8, size: int = 16, seed: int = 0, bad: int | None = None,
+                 into: bool = False):
         rng = np.random.default_rng(seed)
         shape = (n, 3, size, size)
+        self.image_shape = shape[1:]
+        self.reads_into = into  # read(indices, out=) as shards do: the source reuses its buffers
         self.images = (rng.random(shape) * 255 if dtype == np.float16 else rng.integers(0, 256, shape)).astype(dtype)
         self.labels = rng.integers(0, 230, n).astype(np.int64)
         self.targets = rng.normal(5.0, 2.0, (n, 6)).astype(np.float32)
@@ -42,11 +45,15 @@ class ArraySplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def read(self, indices: np.ndarray) -> np.ndarray:
+    def read(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         self.reads += 1
         if self.bad is not None and self.bad in indices:
             raise DataError("train/00000.images.npy", "shorter than the manifest says", f"sample {self.bad}")
-        return self.images[indices]
+        if out is None:
+            return self.images[indices]
+        assert self.reads_into and out.shape == (len(indices), *self.image_shape)
+        out[...] = self.images[indices]
+        return out
 
 
 def expected(split: ArraySplit, order: np.ndarray, normalized: bool):
@@ -76,12 +83,16 @@ def assert_batches(got: list, split: ArraySplit, order: np.ndarray, mask: np.nda
 @needs_dali
 @pytest.mark.parametrize("dtype", [np.uint8, np.float16])
 @pytest.mark.parametrize("norm", [None, True], ids=["cpu-default", "gpu-normalize-on-cpu-ops"])
-def test_train_and_eval_batches_follow_the_harness_order(dtype, norm):
-    split = ArraySplit(40, dtype)
-    feed = DaliBatches(split, BATCH, device_id=None, num_threads=1, normalize=norm)
+@pytest.mark.parametrize("group", [1, 2, None])  # 5 batches: 5 runs of 1, 3 runs the last of 1, 1 run of 5
+@pytest.mark.parametrize("into", [False, True], ids=["arrays", "ring"])
+def test_train_and_eval_batches_follow_the_harness_order(dtype, norm, group, into):
+    split = ArraySplit(40, dtype, into=into)
+    feed = DaliBatches(split, BATCH, device_id=None, num_threads=1, normalize=norm, group=group)
     assert feed.normalized is bool(norm), "on the CPU DALI hands on the stored values unless asked to normalize"
     order = train_shard(len(split), 5, 1, 1, 2, BATCH)  # rank 1 of 2: 20 samples, 5 batches
     got = list(feed.epoch(order))  # every batch held to the end: later batches must not overwrite them
+    assert feed.group == (group or (4 << 20) // (BATCH * 3 * 16 * 16 * split.dtype.itemsize))
+    assert split.reads == -(-5 // feed.group), "one read per DALI run, for all of its batches"
     assert_batches(got, split, order, normalized=feed.normalized)
     indices, mask = eval_shard(len(split) - 5, 1, 2, BATCH)  # 17 for rank 1, padded to 20
     assert not mask.all()
@@ -89,17 +100,22 @@ def test_train_and_eval_batches_follow_the_harness_order(dtype, norm):
 
 
 @needs_dali
-def test_the_source_arrays_stay_untouched_while_dali_holds_them():
+@pytest.mark.parametrize("into", [False, True], ids=["arrays", "ring"])
+def test_the_source_arrays_stay_untouched_while_dali_holds_them(into):
     """no_copy: DALI reads the source's arrays in place, so a read must never reuse a buffer DALI still holds."""
-    split = ArraySplit(64)
+    split = ArraySplit(64, into=into)
     reads = []
     original = split.read
-    split.read = lambda rows: reads.append(original(rows)) or reads[-1]
-    feed = DaliBatches(split, BATCH, device_id=None, prefetch=3)
+    split.read = lambda rows, **out: reads.append(original(rows, **out)) or reads[-1]
+    feed = DaliBatches(split, BATCH, device_id=None, prefetch=3, group=2)
     order = train_shard(len(split), 2, 1, 0, 1, BATCH)
     got = list(feed.epoch(order))
+    assert len(reads) == len(got) // 2  # a read of 2 batches per DALI run
+    assert len({r.ctypes.data for r in reads}) == (3 + 2 if into else len(reads)), "a ring of prefetch + 2"
+    batch_bytes = reads[0].nbytes // 2
+    read_ptrs = {r.ctypes.data + j * batch_bytes for r in reads for j in range(2)}
+    assert not read_ptrs & {x.data_ptr() for x, _, _ in got}, "x is torch's own copy"
     assert_batches(got, split, order)
-    assert all(got[k][0].data_ptr() != reads[k].ctypes.data for k in range(len(got))), "x is torch's own copy"
 
 
 @needs_dali
@@ -117,7 +133,7 @@ def test_every_epoch_follows_its_own_order():
 @needs_dali
 def test_an_abandoned_epoch_leaves_nothing_behind():
     split = ArraySplit(40)
-    feed = DaliBatches(split, BATCH, device_id=None, prefetch=2)
+    feed = DaliBatches(split, BATCH, device_id=None, prefetch=2, group=1)
     first, second = train_shard(40, 1, 1, 0, 1, BATCH), train_shard(40, 1, 2, 0, 1, BATCH)
     feed.epoch(first)  # never iterated
     assert split.reads == 0  # nothing is read before the first epoch is iterated
@@ -138,7 +154,7 @@ def test_an_abandoned_epoch_leaves_nothing_behind():
 @needs_dali
 def test_a_read_error_surfaces_as_is_and_the_next_epoch_works():
     split = ArraySplit(24, bad=13)
-    feed = DaliBatches(split, BATCH, device_id=None)
+    feed = DaliBatches(split, BATCH, device_id=None, group=1)
     order = np.arange(24)
     with pytest.raises(DataError, match="00000.images.npy:sample 13: shorter"):
         list(feed.epoch(order))  # in the fourth batch, read ahead while the caller takes the first
@@ -152,7 +168,7 @@ def test_a_read_error_surfaces_as_is_and_the_next_epoch_works():
 @needs_dali
 def test_after_an_error_inside_dali_the_pipeline_is_rebuilt(monkeypatch):
     split = ArraySplit(24)
-    feed = DaliBatches(split, BATCH, device_id=None, prefetch=2)
+    feed = DaliBatches(split, BATCH, device_id=None, prefetch=2, group=1)
     read = split.read
     # float32 images break the contract: DALI's own check fails, and its pipeline is dead after that
     monkeypatch.setattr(split, "read", lambda rows: read(rows).astype(np.float32 if 9 in rows else np.uint8))

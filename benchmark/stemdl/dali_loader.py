@@ -12,21 +12,29 @@ two would run on the same device, and DALI's float32 would be 4 bytes a pixel to
 of 1 (measured: 0.9 against 2.5 GB/s of shard bytes at 64x64, batch 64). y is int64 class indices (B,),
 t float32 targets (B, 6), mask bool (B,), False on evaluation padding, always on the CPU. `split` is
 anything with `.read(indices) -> (B, 3, S, S)` uint8 or float16 in 0..255, `.labels` (int64 class index,
-(n,)), `.targets` (float32 (n, 6)) and `.dtype`: a split of `stemdl.data.shards`.
+(n,)), `.targets` (float32 (n, 6)), `.dtype` and `.image_shape`: a split of `stemdl.data.shards`, whose
+`read(indices, out=buffer)` (`reads_into`) fills a buffer the source reuses.
 
 The order is the harness's, never DALI's: `stemdl.data.shard` decides which samples each rank sees in
-which batch, so one external_source (batch mode) pulls `split.read(order[k*B:(k+1)*B])` and raises
-StopIteration at the end of the epoch's order. Only images go through DALI: the labels and targets of
-batch k are `order[k*B:(k+1)*B]`'s, taken by the harness (DALI's per-batch cost grows with its outputs).
-The source passes its arrays without a copy (`no_copy`) and keeps the last `prefetch + 2` alive, longer
-than DALI holds them. On a GPU, DALI copies the batch to the device (`.gpu()`) and normalizes it there with
-crop_mirror_normalize (mean NORM_MEAN * 255, std NORM_STD * 255, layout CHW kept), which takes float16
-input too and computes in float32. The pipeline is built once; each epoch points the source at a new
-order and resets it. A DALI iterator cannot be reset mid-epoch and its pipeline holds up to `prefetch`
-batches read ahead, so when an epoch was abandoned (a run stopped by a signal) the next `epoch()` stops
-the source, drains those batches and then resets; after an error the pipeline is rebuilt.
+which batch, so one external_source (batch mode) pulls the images of the next `group` batches of the order
+with one `split.read` and raises StopIteration at the end of the epoch's order. A DALI sample is one whole
+training batch (layout FCHW, F the batch): DALI's cost is per run and per sample (~5 us a sample fed one by
+one), so one run carries `group` batches (default: GROUP_BYTES of images, at least one batch) and the
+iterator's (group, B, 3, S, S) output is handed on a batch at a time, as views. Only images go through
+DALI: the labels and targets of batch k are `order[k*B:(k+1)*B]`'s, taken by the harness.
+The source passes its arrays without a copy (`no_copy`), from a ring of `prefetch + 2` buffers it reuses
+(or, for splits that cannot read into a buffer, the last `prefetch + 2` arrays kept alive), longer than
+DALI holds them: DALI copies them into its own output, which the plugin hands to torch without a copy
+(DALI's dynamic executor). That is two copies of every byte against the `torch` pipeline's one, which is
+why DALI's CPU ops stay below `torch` on shards (docs/performance.md). On a GPU, DALI copies the images to
+the device (`.gpu()`) and normalizes them there with crop_mirror_normalize (mean NORM_MEAN * 255, std
+NORM_STD * 255, layout FCHW kept), which takes float16 input too and computes in float32. The pipeline is
+built once; each epoch points the source at a new order and resets it. A DALI iterator cannot be reset
+mid-epoch and its pipeline holds up to `prefetch` runs read ahead, so when an epoch was abandoned (a run
+stopped by a signal) the next `epoch()` stops the source, drains those runs and then resets; after an error
+the pipeline is rebuilt.
 
-The callback runs in the caller's thread when the iterator asks for a batch, `prefetch` batches ahead; on
+The callback runs in the caller's thread when the iterator asks for a run, `prefetch` runs ahead; on
 a GPU that thread only queues the training step's kernels, so the read overlaps the GPU's work. DALI's
 parallel external_source (forked Python workers, batches through shared memory) is not offered: its workers
 fork when the pipeline is built, so each epoch's order would have to travel through shared memory, and on
@@ -43,7 +51,6 @@ host-to-device copy that DALI's prefetch overlaps with training.
 
 from __future__ import annotations
 
-import collections
 import time
 
 import numpy as np
@@ -55,6 +62,9 @@ from stemdl.preprocess import NORM_MEAN, NORM_STD
 INSTALL_HINT = ("pipeline 'dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
                 "(or the -cuda120 wheel matching your CUDA)")
 IMAGE_DTYPES = ("uint8", "float16")  # what the shards store; values 0..255 either way
+GROUP_BYTES = 4 << 20  # images per DALI run (whole training batches, at least one): DALI's fixed cost per
+# run (~0.1-0.3 ms) is shared among the batches of a run, while larger runs cost more than they save (measured
+# on 2 cores: 64x64 uint8 batches of 64 run best 5-8 to a run, 128x128 ones 1 to a run)
 
 
 def _import_dali():
@@ -77,14 +87,20 @@ def _check_device(device_id: int | None) -> None:
 
 
 class _Feed:
-    """The external_source callback: the next batch of the current order, StopIteration after the last.
-    DALI calls it from the thread that runs the iterator, so its state needs no lock."""
+    """The external_source callback: the next group of batches of the current order, StopIteration after the
+    last. DALI calls it from the thread that runs the iterator, so its state needs no lock."""
 
-    def __init__(self, split, batch_size: int, keep: int):
-        self.split, self.batch_size = split, batch_size
+    def __init__(self, split, batch_size: int, group: int, keep: int):
+        self.split, self.batch_size, self.group = split, batch_size, group
         self.order = np.empty(0, dtype=np.int64)
         self.next_batch = 0
-        self.alive = collections.deque(maxlen=keep)  # no_copy: DALI reads these arrays in place
+        # no_copy: DALI reads what the source returns in place, for up to `prefetch` runs after. A split that
+        # reads into a given buffer (shards) fills a ring of `keep` buffers, reused: a fresh 3-25 MB array per
+        # run cost more in page faults than its copy (measured at 128x128, batch 64, a batch a run: 50k samples/s
+        # with fresh arrays, 170k with the ring). Other splits: their last `keep` arrays are kept alive.
+        self.into = bool(getattr(split, "reads_into", False))
+        self.ring: list = [None] * keep
+        self.slot = 0
 
     def start(self, order: np.ndarray) -> None:
         self.order, self.next_batch = order, 0
@@ -97,24 +113,36 @@ class _Feed:
         start = self.next_batch * self.batch_size
         if start >= len(self.order):
             raise StopIteration
-        self.next_batch += 1
-        images = np.ascontiguousarray(self.split.read(self.order[start:start + self.batch_size]))
-        self.alive.append(images)
-        return images
+        rows = self.order[start:start + self.group * self.batch_size]
+        batches = len(rows) // self.batch_size
+        self.next_batch += batches
+        if self.into:
+            images = self.ring[self.slot]
+            shape = (len(rows), *self.split.image_shape)
+            if images is None or images.shape != shape:
+                images = np.empty(shape, dtype=self.split.dtype)
+            self.split.read(rows, out=images)  # one gather for the whole group
+        else:
+            images = np.ascontiguousarray(self.split.read(rows))
+        self.ring[self.slot], self.slot = images, (self.slot + 1) % len(self.ring)
+        return images.reshape(batches, self.batch_size, *images.shape[1:])  # DALI's batch: a sample per batch
 
 
 class DaliBatches:
     """Batches of a split in a given order, read by a DALI external_source (and normalized by DALI on a GPU)."""
 
     def __init__(self, split, batch_size: int, device_id: int | None, num_threads: int = 2,
-                 prefetch: int = 2, seed: int = 0, normalize: bool | None = None):
+                 prefetch: int = 2, seed: int = 0, normalize: bool | None = None, group: int | None = None):
         self._dali = _import_dali()
         dtype = np.dtype(split.dtype)
         if dtype.name not in IMAGE_DTYPES:
             raise StemdlError(f"pipeline 'dali': images are {dtype.name}, need one of {', '.join(IMAGE_DTYPES)}")
-        if batch_size < 1 or num_threads < 1 or prefetch < 1:
-            raise StemdlError(f"pipeline 'dali': batch_size ({batch_size}), num_threads ({num_threads}) and "
-                              f"prefetch ({prefetch}) must be 1 or more")
+        if group is None:
+            batch_bytes = batch_size * int(np.prod(getattr(split, "image_shape", (1,)))) * dtype.itemsize
+            group = max(1, GROUP_BYTES // max(1, batch_bytes))
+        if min(batch_size, num_threads, prefetch, group) < 1:
+            raise StemdlError(f"pipeline 'dali': batch_size ({batch_size}), num_threads ({num_threads}), "
+                              f"prefetch ({prefetch}) and group ({group}) must be 1 or more")
         _check_device(device_id)
         self.split, self.batch_size, self.device_id = split, batch_size, device_id
         self._settings = {"num_threads": num_threads, "prefetch_queue_depth": prefetch, "seed": seed}
@@ -123,7 +151,9 @@ class DaliBatches:
         # on the CPU runs the GPU path's normalization on DALI's CPU ops, which is how the tests check it).
         self.normalized = device_id is not None if normalize is None else bool(normalize)
         self._device = None if device_id is None else torch.device("cuda", device_id)
-        self._feed = _Feed(split, batch_size, keep=prefetch + 2)
+        self.group = group
+        self.read_ahead = prefetch * group  # batches read before an epoch's first is handed over
+        self._feed = _Feed(split, batch_size, group, keep=prefetch + 2)
         self._generation = 0  # bumped by every epoch(): an older epoch's iterator may no longer pull
         start = time.perf_counter()
         self._build()
@@ -131,15 +161,16 @@ class DaliBatches:
 
     def _build(self) -> None:
         Pipeline, fn, types, DALIGenericIterator, LastBatchPolicy = self._dali
-        pipe = Pipeline(batch_size=self.batch_size, device_id=self.device_id, **self._settings)
+        pipe = Pipeline(batch_size=self.group, device_id=self.device_id, **self._settings)
         image_type = types.UINT8 if self._image_type == "uint8" else types.FLOAT16
         with pipe:
-            x = fn.external_source(self._feed, batch=True, layout="CHW", dtype=image_type, ndim=3, no_copy=True)
+            # A sample is one training batch: F (frames) is the batch, each image CHW.
+            x = fn.external_source(self._feed, batch=True, layout="FCHW", dtype=image_type, ndim=4, no_copy=True)
             if self.device_id is not None:
                 x = x.gpu()
             if self.normalized:
                 # (u - 255 m) / (255 s) = (u / 255 - m) / s: stemdl.preprocess.normalize, in one DALI kernel.
-                x = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW",
+                x = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="FCHW",
                                              mean=NORM_MEAN * 255.0, std=NORM_STD * 255.0)
             pipe.set_outputs(x)
         pipe.build()
@@ -193,17 +224,20 @@ class DaliBatches:
             if generation != self._generation:
                 raise RuntimeError("DaliBatches: an epoch iterator was used after a newer epoch() started")
             try:
-                out = next(self._iter)[0]
+                group = next(self._iter)[0]["x"]  # (batches, B, 3, S, S)
             except StopIteration:  # the source's: the order is exhausted
                 self._pending = False
                 return
             except BaseException:
                 self._broken = True  # e.g. a DataError from split.read: DALI's state is unknown, rebuild
                 raise
-            rows = order[k * b:(k + 1) * b]
-            y, t = torch.from_numpy(self.split.labels[rows]), torch.from_numpy(self.split.targets[rows])
-            if self._device is not None:
-                y, t = y.to(self._device, non_blocking=True), t.to(self._device, non_blocking=True)
-            batch = (out["x"], y, t)
-            yield batch if mask is None else batch + (mask[k * b:(k + 1) * b],)
-            k += 1
+            for x in group:
+                if generation != self._generation:
+                    raise RuntimeError("DaliBatches: an epoch iterator was used after a newer epoch() started")
+                rows = order[k * b:(k + 1) * b]
+                y, t = torch.from_numpy(self.split.labels[rows]), torch.from_numpy(self.split.targets[rows])
+                if self._device is not None:
+                    y, t = y.to(self._device, non_blocking=True), t.to(self._device, non_blocking=True)
+                batch = (x, y, t)
+                yield batch if mask is None else batch + (mask[k * b:(k + 1) * b],)
+                k += 1

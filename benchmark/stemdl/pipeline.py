@@ -172,6 +172,7 @@ class DaliPipeline(_Pipeline):
         self._train = DaliBatches(train, cfg.batch_size, device_id, num_threads=threads, seed=cfg.seed)
         self._eval = DaliBatches(evaluation, cfg.batch_size, device_id, num_threads=threads, seed=cfg.seed)
         self.normalized = self._train.normalized
+        self.read_ahead = self._train.read_ahead  # batches read before an epoch's first is handed over
 
     def train_batches(self, epoch: int):
         yield from self._train.epoch(self.train_shard(epoch))

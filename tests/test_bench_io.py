@@ -100,3 +100,28 @@ def test_cached_fraction_sees_a_file_read_and_evicted(tmp_path):
     assert how.startswith(("posix_fadvise", "drop_caches"))
     if how.startswith("posix_fadvise DONTNEED (0"):
         assert bench_io.cached_fraction([path]) <= 0.01
+
+
+def test_a_closed_split_lets_its_shards_be_evicted(tmp_path):
+    """bench io evicts the shards before each round's disk read: a split's open maps must not pin them."""
+    from test_convert import make_raw, run_convert
+
+    from stemdl.data.shards import ShardSet
+
+    make_raw(tmp_path / "raw")
+    assert run_convert(tmp_path / "raw", tmp_path / "shards", "--size", "16") == 0
+    train = ShardSet.open(tmp_path / "shards").split("train")
+    paths = [tmp_path / "shards" / p for p in train.files() if p.endswith(".images.npy")]
+    for path in paths:  # written files: clean pages once on disk
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+    before = train.read(np.arange(len(train)))  # maps and touches every page of the images
+    bench_io.evict(paths)
+    if bench_io.cached_fraction(paths) is None:
+        pytest.skip("mincore(2) is not available here")
+    assert bench_io.cached_fraction(paths) > 0.5, "mapped pages stay in the page cache"
+    train.close()
+    if not bench_io.evict(paths).startswith("posix_fadvise DONTNEED (0"):
+        pytest.skip("this file system keeps clean pages despite posix_fadvise")
+    assert bench_io.cached_fraction(paths) <= 0.01
+    assert np.array_equal(train.read(np.arange(len(train))), before)  # reopened on demand

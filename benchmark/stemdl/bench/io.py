@@ -13,10 +13,14 @@ Every figure is samples/s and MB/s (10^6 bytes) of the training split (the first
 2. raw HDF5 -> preprocessing through the `torch` pipeline (what `stemdl run` does on raw data);
 3. converted shards through the `torch` pipeline (read in the training process), 4. through the `dali`
    pipeline (DALI's CPU ops without a GPU), each also as a fraction of the row-1 page-cache limit for
-   shard bytes (target: 0.8). The shards' limit and rows 3 and 4 are measured --rounds times each and the
-   best of each is kept. For reference: the shards' batch gathers alone (`split.read`, no pipeline), the
-   same batches through DataLoader worker processes (what `torch` does not do for shards, and why), and
-   the `memory` pipeline;
+   shard bytes (target: 0.8). Memory speed on a shared VM drifts 2x within minutes, so these are paired:
+   --rounds rounds of the shards' limit followed by the gathers and rows 3 and 4 (in alternating order),
+   each judged against its own round's limit, and the median round of each row is reported (the limit
+   rows show the fastest round). Rows 3 and 4 read epochs of --epoch-samples (the n samples repeated; a
+   rank's epoch of the public set on 8 ranks), after one untimed epoch (a run's first, with a fresh
+   pipeline's one-time costs). For reference: the shards' batch gathers alone (`split.read`, no
+   pipeline), the same batches through DataLoader worker processes (what `torch` does not do for shards,
+   and why), and the `memory` pipeline;
 5. the real training step (`stemdl.train.train_epoch`: to_input, augment, forward, loss, backward,
    AdamW), on batches already in memory, then pulling from the `memory`, `torch` and `dali` (each of
    --step-workers threads) pipelines on the shards, and from `torch` on the raw HDF5 (--workers). Target:
@@ -56,6 +60,7 @@ from stemdl.progress import Progress
 CHUNK = 8 << 20  # plain reads: 8 MiB a call, large enough that the syscall count does not matter
 MB = 1e6
 SHARD_TARGET = 0.8  # shard pipelines: at least this fraction of the read limit for their bytes
+EPOCH_SAMPLES = 148_006 // 8  # rows 3 and 4: an epoch of one rank of 8 on the public training set
 STEP_TARGET = 0.05  # a step with the loader: at most this much slower than on batches in memory
 
 
@@ -240,17 +245,41 @@ class Head:
         self.labels, self.targets = split.labels[:n], split.targets[:n]
         self.dtype, self.image_shape = split.dtype, split.image_shape
         self.reads_are_copies = getattr(split, "reads_are_copies", False)
+        self.reads_into = getattr(split, "reads_into", False)
 
     def __len__(self) -> int:
         return self.n
 
-    def read(self, indices) -> np.ndarray:
-        return self.split.read(indices)
+    def read(self, indices, **out) -> np.ndarray:
+        return self.split.read(indices, **out)
 
 
-def epoch_rate(pipe, epochs: int) -> tuple[int, float, int, float]:
-    """Samples and seconds of `epochs` training epochs of `pipe`, batches only pulled (no step), then the
-    samples and seconds of each epoch's first batch (starting workers), summed."""
+class Repeated(Head):
+    """The first n samples of a split repeated to `length`: sample i is sample i mod n. An epoch as long as
+    a rank's of the public set, read from the same shard bytes (so the same page-cache limit applies), so
+    that an epoch's start (DALI's reset and read-ahead, a first map of each shard) weighs what it would."""
+
+    def __init__(self, split, n: int, length: int):
+        super().__init__(split, n)
+        self.n, self.length = n, length
+        self.labels, self.targets = np.resize(self.labels, length), np.resize(self.targets, (length, 6))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, indices, **out) -> np.ndarray:
+        return self.split.read(np.asarray(indices) % self.n, **out)
+
+
+def epoch_rate(pipe, epochs: int) -> tuple[int, float, int, float, float]:
+    """Samples and seconds of `epochs` training epochs of `pipe`, batches only pulled (no step), after one
+    untimed epoch (a run's first, with the one-time costs of a fresh pipeline: DALI's buffers, first maps);
+    then the samples and seconds of each timed epoch's first batch (starting workers), summed; and the
+    seconds of the untimed epoch."""
+    warm = time.perf_counter()
+    for _ in pipe.train_batches(epochs + 1):  # an epoch the timed ones do not repeat
+        pass
+    warm = time.perf_counter() - warm
     samples = first_samples = 0
     first_s, start = 0.0, time.perf_counter()
     for epoch in range(1, epochs + 1):
@@ -259,7 +288,7 @@ def epoch_rate(pipe, epochs: int) -> tuple[int, float, int, float]:
             samples += len(y)
             if k == 0:
                 first_samples, first_s = first_samples + len(y), first_s + time.perf_counter() - t0
-    return samples, time.perf_counter() - start, first_samples, first_s
+    return samples, time.perf_counter() - start, first_samples, first_s, warm
 
 
 def gather_row(split, cfg, env, epochs: int, bytes_per: int, limit: float) -> Rate:
@@ -269,7 +298,7 @@ def gather_row(split, cfg, env, epochs: int, bytes_per: int, limit: float) -> Ra
 
     orders = [samplers.epoch_indices(cfg.sampler, split.labels, cfg.seed, epoch, env.rank, env.world_size,
                                      cfg.batch_size) for epoch in range(1, epochs + 1)]
-    split.read(np.arange(len(split)))  # maps every shard first, as a run's first epoch does for the rest
+    split.read(np.arange(split.n))  # maps every shard first, as a run's first epoch does for the rest
     samples, start = 0, time.perf_counter()
     for order in orders:
         for k in range(0, len(order), cfg.batch_size):
@@ -287,12 +316,14 @@ def pipeline_row(row: str, what: str, name: str, splits, cfg, env, epochs: int, 
     start = time.perf_counter()
     pipe = build_pipeline(name, *splits, cfg, env)
     built = time.perf_counter() - start
-    samples, seconds, first_samples, first_s = epoch_rate(pipe, epochs)
-    steady = (samples - first_samples) / max(seconds - first_s, 1e-12)  # an epoch long enough to hide its start
+    samples, seconds, first_samples, first_s, warm = epoch_rate(pipe, epochs)
+    # Leaving out each epoch's first wait, and every batch read during it (DALI reads prefetch x group ahead).
+    read_ahead = first_samples * getattr(pipe, "read_ahead", 1)
+    steady = (samples - min(read_ahead, samples)) / max(seconds - first_s, 1e-12)
     note = f"steady {steady:,.0f}/s"
     if limit:
         note += f" = {steady * bytes_per[0] / MB / limit:.2f} of the limit"
-    note += f"; first batch {1e3 * first_s / epochs:.0f} ms an epoch; built in {built:.2f} s"
+    note += f"; first batch {1e3 * first_s / epochs:.0f} ms an epoch; built in {built:.2f} s, first epoch {warm:.2f} s"
     return Rate(row, what, samples, samples * bytes_per[0], seconds, note=note, out_bytes=samples * bytes_per[1],
                 limit=samples * bytes_per[0] / MB / seconds / limit if limit else None, steady_samples_per_s=steady)
 
@@ -420,6 +451,7 @@ class Inputs:
     raw: tuple  # (train, eval) RawSplit, train cut to n
     shards: tuple  # (train, eval) ShardSplit, train cut to n
     shard_train: object  # the whole ShardSplit (its files)
+    long_shards: tuple  # (train, eval): train's n samples Repeated to --epoch-samples, for rows 3 and 4
 
     @property
     def n(self) -> int:
@@ -475,7 +507,9 @@ def open_inputs(args, cfg, shard_root: Path) -> Inputs:
         raise StemdlError(f"--samples {n}: the training split of {args.data} has {len(raw_train)}, "
                           f"and a batch needs {args.batch}")
     rows = index.select(cfg.train_split)[:n]
-    return Inputs(index, rows, (Head(raw_train, n), raw_eval), (Head(shard_train, n), shard_eval), shard_train)
+    long_train = Repeated(shard_train, n, max(n, args.epoch_samples))
+    return Inputs(index, rows, (Head(raw_train, n), raw_eval), (Head(shard_train, n), shard_eval), shard_train,
+                  (long_train, shard_eval))
 
 
 # ---- rows 1-4 -------------------------------------------------------------------------------------------
@@ -487,6 +521,15 @@ def fastest(measured: list[Rate]) -> Rate:
     return dataclasses.replace(best, note=note)
 
 
+def middle(measured: list[Rate]) -> Rate:
+    """The round whose fraction of its own round's limit is the median of the rounds', noted so."""
+    ranked = sorted(measured, key=lambda r: r.limit)
+    mid = ranked[(len(ranked) - 1) // 2]
+    spread = f"{ranked[0].limit:.2f}-{ranked[-1].limit:.2f}" if len(ranked) > 1 else f"{mid.limit:.2f}"
+    note = f"median of {len(measured)} rounds ({spread} of each round's limit)" + (f"; {mid.note}" if mid.note else "")
+    return dataclasses.replace(mid, note=note)
+
+
 def process_reads(split, n: int) -> Head:
     """`split` as the `torch` pipeline would see it if its reads were not copies: DataLoader worker processes."""
     head = Head(split, n)
@@ -494,50 +537,64 @@ def process_reads(split, n: int) -> Head:
     return head
 
 
+def paired_rounds(inp: Inputs, cfg, env, args, jobs: list) -> tuple[list[Rate], list[Rate], float]:
+    """--rounds rounds of: the shards' page-cache and disk limit, then each of `jobs` ((key, what, measure
+    with a limit in MB/s -> Rate)) in alternating order (ABC CBA ...), each judged against its own round's
+    limit: this VM's memory speed drifts 2x within minutes, so a limit and a pipeline measured far apart do
+    not compare. Returns the fastest page-cache and disk limits, each job's median round, and the limit that
+    round ran against."""
+    paths, held = inp.shard_files()
+    limits, measured, skipped = [], {key: [] for key, _, _ in jobs}, set()
+    for r in range(args.rounds):
+        _note(f"round {r + 1}/{args.rounds}: shard limit, then " + ", ".join(w for _, w, _ in jobs))
+        inp.shard_train.close()  # the previous round's maps would keep the shards' pages from being evicted
+        limits.append(limit_rows("shard .images.npy, 8 MiB reads", paths, held, read_files, paths)[0])
+        for key, what, measure in (jobs if r % 2 == 0 else jobs[::-1]):
+            if key in skipped:
+                continue
+            try:
+                measured[key].append(measure(limits[-1][0].mb_per_s))
+            except StemdlError as exc:  # DALI not installed: the other rows still stand
+                _note(f"{what}: skipped: {exc}")
+                skipped.add(key)
+    return [fastest([r[k] for r in limits]) for k in (0, 1)] + [middle(m) for m in measured.values() if m]
+
+
 def throughput(inp: Inputs, cfg, env, args, bar: Progress) -> list[Rate]:
     files, held = inp.raw_files()
     samples = [(str(inp.index.file_path(i)), inp.index.group_name(i)) for i in inp.rows]
-    shard_paths, shard_held = inp.shard_files()
     _note("row 1: sequential reads, page cache then disk")
     rates = limit_rows("raw .h5 files, 8 MiB reads", files, held, read_files, files)[0]
     rates += limit_rows("cbed_stack, h5py read_direct", files, inp.n, read_stacks, samples)[0]
-    # The shards' limit is what rows 3 and 4 are judged against: measured as often as they are, best kept.
-    shard_limits = [limit_rows("shard .images.npy, 8 MiB reads", shard_paths, shard_held, read_files,
-                               shard_paths)[0] for _ in range(args.rounds)]
-    rates += [fastest([r[k] for r in shard_limits]) for k in (0, 1)]
-    limit = rates[-2].mb_per_s  # shards from the page cache: what the pipelines below read
+    bar.update(1)
     pixels = int(np.prod(inp.shard_train.image_shape))
     shard = pixels * inp.shard_train.dtype.itemsize
     w = args.workers
     dali_out = 4 * pixels if env.device != "cpu" else shard  # float32 normalized on a GPU, stored values on a CPU
     dali_ops = "GPU" if env.device != "cpu" else "CPU"
-    shards_by_processes = (process_reads(inp.shards[0], len(inp.shards[0])), inp.shards[1])
+    long = inp.long_shards
+    row3 = ("3", "shards -> torch, read in the training process", "torch", long, (shard, shard))
+    row4 = ("4", f"shards -> dali ({dali_ops} ops), {max(1, w)} threads", "dali", long, (shard, dali_out))
+    # The shards' limit is what rows 3 and 4 are judged against: measured in every round, beside them.
+    jobs = [("gather", "batch gathers", lambda mb: gather_row(long[0], cfg, env, args.epochs, shard, mb))]
+    jobs += [(spec[0], spec[1], lambda mb, spec=spec: pipeline_row(*spec[:4], cfg, env, args.epochs, spec[4], mb))
+             for spec in (row3, row4)]
+    paired = paired_rounds(inp, cfg, env, args, jobs)
+    limit = paired[0].mb_per_s  # the fastest page-cache read of the shards: the reference rows below use it
+    bar.update(3)
+    shards_by_processes = (process_reads(long[0], len(long[0])), long[1])
     plan = [("2", f"raw HDF5 -> preprocess, torch, {w} workers", "torch", inp.raw,
-             (inp.raw_sample_bytes(), shard), None, 1),
-            ("3", "shards -> torch, read in the training process", "torch", inp.shards, (shard, shard), limit,
-             args.rounds),
-            ("4", f"shards -> dali ({dali_ops} ops), {max(1, w)} threads", "dali", inp.shards, (shard, dali_out),
-             limit, args.rounds),
+             (inp.raw_sample_bytes(), shard), None),
             ("-", f"shards -> torch DataLoader, {w} worker processes (not used)", "torch", shards_by_processes,
-             (shard, shard), limit, 1),
-            ("-", "shards -> memory pipeline, epochs after init", "memory", inp.shards, (shard, shard), limit, 1)]
-    _note("row -: shards, batch gathers in this process")
-    rates.append(fastest([gather_row(inp.shards[0], cfg, env, args.epochs, shard, limit)
-                          for _ in range(args.rounds)]))
-    bar.update(2)
-    for row, what, name, splits, bytes_per, ref, repeat in plan:
-        measured = []
-        for k in range(repeat):
-            _note(f"row {row}: {what}" + (f" ({k + 1}/{repeat})" if repeat > 1 else ""))
-            try:
-                measured.append(pipeline_row(row, what, name, splits, cfg, env, args.epochs, bytes_per, ref))
-            except StemdlError as exc:  # DALI not installed: the other rows still stand
-                _note(f"row {row}: skipped: {exc}")
-                break
-        if measured:
-            rates.append(fastest(measured) if repeat > 1 else measured[0])
+             (shard, shard), limit),
+            ("-", "shards -> memory pipeline, epochs after init", "memory", long, (shard, shard), limit)]
+    later = []
+    for row, what, name, splits, bytes_per, ref in plan:
+        _note(f"row {row}: {what}")
+        later.append(pipeline_row(row, what, name, splits, cfg, env, args.epochs, bytes_per, ref))
         bar.update(1)
-    return rates
+    # limits, the gathers, row 2, rows 3-4, then the reference pipelines
+    return rates + paired[:3] + later[:1] + paired[3:] + later[1:]
 
 
 # ---- the report -----------------------------------------------------------------------------------------
@@ -601,8 +658,8 @@ def verdicts(rates: list[Rate], steps: list[Steps]) -> list[str]:
         if r.row in ("3", "4"):
             steady = r.limit * r.steady_samples_per_s / r.samples_per_s
             met = "met" if r.limit >= SHARD_TARGET else "NOT met"
-            lines.append(f"target: {r.what}: {r.limit:.2f} of the read limit over whole epochs, {steady:.2f} "
-                         f"leaving out their first batches (>= {SHARD_TARGET}): {met}")
+            lines.append(f"target: {r.what}: {r.limit:.2f} of its round's read limit over whole epochs (median "
+                         f"round), {steady:.2f} leaving out their first batches (>= {SHARD_TARGET}): {met}")
     for s in steps[1:]:
         slower = s.per_epoch / steps[0].per_epoch - 1
         met = "met" if slower <= STEP_TARGET else "NOT met"
@@ -654,13 +711,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-workers", type=_workers_list, default=(1, 2), metavar="LIST",
                         help="DALI thread counts tried in row 5, 0 counting as 1 (default: 1,2)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs timed in rows 2-4 (default: %(default)s)")
+    parser.add_argument("--epoch-samples", type=int, default=EPOCH_SAMPLES, metavar="N",
+                        help="samples in an epoch of rows 3 and 4: the --samples repeated (default: %(default)s, "
+                             "a rank's epoch of the public set's 148,006 training samples on 8 ranks)")
     parser.add_argument("--steps", type=int, default=30, help="training steps timed in row 5 (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed steps before each measurement of row 5, 1 or more: the first holds the "
                              "pipeline's start (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="row 5 measures every configuration this many times, --steps split among them "
-                             "(default: %(default)s)")
+                        help="rounds of the shard limit with rows 3-4, and of every row-5 configuration "
+                             "(--steps split among them) (default: %(default)s)")
     parser.add_argument("--shards", help="converted shards of --data at --size (default: convert into a "
                                          "temporary folder, removed after)")
     parser.add_argument("--threads", type=int, help="torch threads of this process (default: every core, as "
@@ -679,6 +739,8 @@ def _check(args) -> None:
             or (args.threads is not None and args.threads < 1):
         raise StemdlError("need --size >= 8, --batch >= 1, --workers >= 0, --epochs >= 1, --steps >= 1, "
                           "--warmup >= 1, --rounds >= 1, --threads >= 1")
+    if args.epoch_samples < args.batch:
+        raise StemdlError(f"--epoch-samples {args.epoch_samples}: fewer than one batch of {args.batch}")
     if args.samples is not None and args.samples < args.batch:
         raise StemdlError(f"--samples {args.samples}: fewer than one batch of {args.batch}")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -7,8 +7,11 @@ import tempfile
 import numpy as np
 import pytest
 
+from test_convert import make_raw, run_convert
+
 from stemdl.bench import io as bench_io
 from stemdl.cli import main
+from stemdl.data.shards import ShardSet
 
 # The smallest useful run: 16x16 shards, batches of 4, one round of 2 timed steps, one forked worker, and one
 # torch thread (two spinning threads on a busy 2-core machine make a 16x16 step take half a second).
@@ -104,10 +107,6 @@ def test_cached_fraction_sees_a_file_read_and_evicted(tmp_path):
 
 def test_a_closed_split_lets_its_shards_be_evicted(tmp_path):
     """bench io evicts the shards before each round's disk read: a split's open maps must not pin them."""
-    from test_convert import make_raw, run_convert
-
-    from stemdl.data.shards import ShardSet
-
     make_raw(tmp_path / "raw")
     assert run_convert(tmp_path / "raw", tmp_path / "shards", "--size", "16") == 0
     train = ShardSet.open(tmp_path / "shards").split("train")

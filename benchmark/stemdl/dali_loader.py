@@ -137,12 +137,11 @@ class DaliBatches:
         dtype = np.dtype(split.dtype)
         if dtype.name not in IMAGE_DTYPES:
             raise StemdlError(f"pipeline 'dali': images are {dtype.name}, need one of {', '.join(IMAGE_DTYPES)}")
-        if group is None:
-            batch_bytes = batch_size * int(np.prod(getattr(split, "image_shape", (1,)))) * dtype.itemsize
-            group = max(1, GROUP_BYTES // max(1, batch_bytes))
-        if min(batch_size, num_threads, prefetch, group) < 1:
+        if min(batch_size, num_threads, prefetch, 1 if group is None else group) < 1:
             raise StemdlError(f"pipeline 'dali': batch_size ({batch_size}), num_threads ({num_threads}), "
                               f"prefetch ({prefetch}) and group ({group}) must be 1 or more")
+        if group is None:
+            group = max(1, GROUP_BYTES // (batch_size * int(np.prod(split.image_shape)) * dtype.itemsize))
         _check_device(device_id)
         self.split, self.batch_size, self.device_id = split, batch_size, device_id
         self._settings = {"num_threads": num_threads, "prefetch_queue_depth": prefetch, "seed": seed}

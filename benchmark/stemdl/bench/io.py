@@ -261,7 +261,7 @@ class Repeated(Head):
 
     def __init__(self, split, n: int, length: int):
         super().__init__(split, n)
-        self.n, self.length = n, length
+        self.length = length
         self.labels, self.targets = np.resize(self.labels, length), np.resize(self.targets, (length, 6))
 
     def __len__(self) -> int:
@@ -537,12 +537,12 @@ def process_reads(split, n: int) -> Head:
     return head
 
 
-def paired_rounds(inp: Inputs, cfg, env, args, jobs: list) -> tuple[list[Rate], list[Rate], float]:
+def paired_rounds(inp: Inputs, cfg, env, args, jobs: list) -> list[Rate]:
     """--rounds rounds of: the shards' page-cache and disk limit, then each of `jobs` ((key, what, measure
     with a limit in MB/s -> Rate)) in alternating order (ABC CBA ...), each judged against its own round's
     limit: this VM's memory speed drifts 2x within minutes, so a limit and a pipeline measured far apart do
-    not compare. Returns the fastest page-cache and disk limits, each job's median round, and the limit that
-    round ran against."""
+    not compare. Returns the fastest page-cache and disk limits, then each job's median round (jobs skipped
+    in every round left out)."""
     paths, held = inp.shard_files()
     limits, measured, skipped = [], {key: [] for key, _, _ in jobs}, set()
     for r in range(args.rounds):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from stemdl.ablate import ensemble_seeds, mean_rows, summarize_run, tail_classes
+from stemdl.workloads.spacegroup.ablate import ensemble_seeds, mean_rows, summarize_run, tail_classes
 from stemdl.cli import main
 
 

@@ -9,9 +9,9 @@ import pytest
 
 from test_convert import make_raw, run_convert
 
-from stemdl.bench import io as bench_io
+from stemdl.workloads.spacegroup.bench import io as bench_io
 from stemdl.cli import main
-from stemdl.data.shards import ShardSet
+from stemdl.harness.shards import ShardSet
 
 # The smallest useful run: 16x16 shards, batches of 4, one round of 2 timed steps, one forked worker, and one
 # torch thread (two spinning threads on a busy 2-core machine make a 16x16 step take half a second).

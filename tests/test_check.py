@@ -9,15 +9,15 @@ import yaml
 from mlperf_logging.compliance_checker import mlp_compliance
 from mlperf_logging.mllog import constants as mllog_constants
 
-from stemdl import check
-from stemdl import mlperf as M  # the log keys: M.RUN_START, M.NUMBER_OF_NODES, ...
-from stemdl.check import check_log
-from stemdl.errors import StemdlError
-from stemdl.mlperf import MLLogger
+from stemdl.harness import compliance as check
+from stemdl.harness import mlperf as M  # the log keys: M.RUN_START, M.NUMBER_OF_NODES, ...
+from stemdl.harness.compliance import check_log
+from stemdl.harness.errors import StemdlError
+from stemdl.harness.mlperf import MLLogger
 
 T0 = 1_700_000_000_000
 MINUTE = 60_000
-RULES = Path(check.__file__).parent / "resources" / "compliance" / "hpc_3.0.0"
+RULES = check.STEMDL_RULES_DIR / "hpc_3.0.0"
 
 
 class Clock:
@@ -308,15 +308,17 @@ def test_rule_keys_are_known_constants():
         assert set(_rules(name)[1]) <= known, name
 
 
-def test_rule_files_ship_with_the_package():
-    # A non-editable install carries only the package-data globs of pyproject.toml; without the rule
-    # files there, every log fails with "Could not find config file: hpc_3.0.0/closed_stemdl.yaml".
+def test_every_resource_ships_with_the_package():
+    # A non-editable install carries only the package-data globs of pyproject.toml: a data file outside
+    # them (rule files, presets, tables) is missing there, and the run fails where the tests pass.
     tomllib = pytest.importorskip("tomllib")
-    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
-    globs = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["stemdl"]
-    package = Path(check.__file__).parent
-    shipped = {p for pattern in globs for p in package.glob(pattern)}
-    assert set(RULES.glob("*.yaml")) <= shipped, f"add resources/compliance/hpc_3.0.0/*.yaml to {globs}"
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = root / "benchmark" / "stemdl"
+    shipped = {p for name, patterns in globs.items() for pattern in patterns
+               for p in (root / "benchmark" / name.replace(".", "/")).glob(pattern)}
+    data = {p for p in package.rglob("*") if p.is_file() and p.suffix in (".yaml", ".csv", ".json")}
+    assert data and data <= shipped, f"add {sorted(map(str, data - shipped))} to the package-data of pyproject.toml"
 
 
 def test_stemdl_check_command(tmp_path, capsys):

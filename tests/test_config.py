@@ -2,8 +2,8 @@
 
 import pytest
 
-from stemdl.config import RunConfig, load_config, presets
-from stemdl.errors import StemdlError
+from stemdl.harness.config import RunConfig, load_config, presets
+from stemdl.harness.errors import StemdlError
 
 
 def test_every_preset_loads_and_derives_batch_and_lr():

@@ -18,13 +18,13 @@ import pytest
 import torch
 from mpirun import MPI_ENV, mpiexec
 
-from stemdl.data import convert, layout
-from stemdl.data.index import load_or_build
-from stemdl.data.reader import read_record, read_stack
-from stemdl.data.shards import ShardSet
-from stemdl.errors import DataError, StemdlError
-from stemdl.preprocess import Preprocess
-from stemdl.progress import Progress
+from stemdl.workloads.spacegroup.data import convert, layout
+from stemdl.workloads.spacegroup.data.index import load_or_build
+from stemdl.workloads.spacegroup.data.reader import read_record, read_stack
+from stemdl.harness.shards import ShardSet
+from stemdl.harness.errors import DataError, StemdlError
+from stemdl.workloads.spacegroup.preprocess import Preprocess
+from stemdl.harness.progress import Progress
 
 CHECK_SCRIPT = Path(__file__).resolve().parent / "mpi" / "convert_check.py"
 ENV = {**os.environ, **MPI_ENV}

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from stemdl.dali_loader import DaliBatches
-from stemdl.data.shard import eval_shard, train_shard
-from stemdl.errors import DataError, StemdlError
-from stemdl.preprocess import normalize
+from stemdl.harness.dali import DaliBatches
+from stemdl.harness.sharding import eval_shard, train_shard
+from stemdl.harness.errors import DataError, StemdlError
+from stemdl.workloads.spacegroup.preprocess import normalize
 
 BATCH = 4
 
@@ -27,7 +27,7 @@ needs_dali = pytest.mark.skipif(not _have_dali(), reason="nvidia.dali is not ins
 
 
 class ArraySplit:
-    """A stand-in for a converted split (stemdl.data.shards): images, labels and targets in memory."""
+    """A stand-in for a converted split (stemdl.harness.shards): images, labels and targets in memory."""
 
     def __init__(self, n: int, dtype=np.uint8, size: int = 16, seed: int = 0, bad: int | None = None,
                  into: bool = False):

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from stemdl.cli import main
-from stemdl.data import index as index_mod
-from stemdl.data.index import (FORMAT_VERSION, INDEX_NAME, PLACEHOLDER_VERSION, DataIndex, cache_path,
+from stemdl.workloads.spacegroup.data import index as index_mod
+from stemdl.workloads.spacegroup.data.index import (FORMAT_VERSION, INDEX_NAME, PLACEHOLDER_VERSION, DataIndex, cache_path,
                                load_or_build)
-from stemdl.errors import DataError
-from stemdl.synth import generate
+from stemdl.harness.errors import DataError
+from stemdl.workloads.spacegroup.synth import generate
 
 TRAIN, DEV = "train/batch_train_0.h5", "dev/batch_dev_0.h5"
 

@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from stemdl.data import layout
-from stemdl.errors import DataError
+from stemdl.workloads.spacegroup.data import layout
+from stemdl.harness.errors import DataError
 
 
 def _kind(value):

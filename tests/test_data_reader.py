@@ -7,9 +7,9 @@ import h5py
 import numpy as np
 import pytest
 
-from stemdl.data import layout
-from stemdl.data.reader import DataFile, data_files, read_record, read_stack
-from stemdl.errors import DataError
+from stemdl.workloads.spacegroup.data import layout
+from stemdl.workloads.spacegroup.data.reader import DataFile, data_files, read_record, read_stack
+from stemdl.harness.errors import DataError
 
 
 def test_fixture_records_and_stacks(fixture_dir):

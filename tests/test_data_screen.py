@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 from mpirun import SKIP_REASON, mpiexec, run_ranks
 
-from stemdl.data import layout
-from stemdl.data.index import load_or_build
-from stemdl.data.reader import DataFile, read_record
+from stemdl.workloads.spacegroup.data import layout
+from stemdl.workloads.spacegroup.data.index import load_or_build
+from stemdl.workloads.spacegroup.data.reader import DataFile, read_record
 from stemdl.cli import main
-from stemdl.data.screen import (STALE_PLACEHOLDER, ScreenResult, decide, duplicates, expected_shape, file_owners,
+from stemdl.workloads.spacegroup.data.screen import (STALE_PLACEHOLDER, ScreenResult, decide, duplicates, expected_shape, file_owners,
                                 merge, screen, screen_distributed, screen_part)
-from stemdl.errors import DataError, StemdlError
+from stemdl.harness.errors import DataError, StemdlError
 
 TRAIN = "train/batch_train_0.h5"
 HINT = " (use --skip-bad to leave out up to 1 % bad samples)"
@@ -346,8 +346,8 @@ def test_two_ranks_simulated_give_the_same_result_as_one(tmp_path, fixture_dir):
 MPI_SCRIPT = textwrap.dedent("""
     import json, pickle, sys
     import numpy as np
-    from stemdl import dist
-    from stemdl.data.screen import screen_distributed
+    from stemdl.harness import dist
+    from stemdl.workloads.spacegroup.data.screen import screen_distributed
     env = dist.setup(timeout_s=60)
     with open(sys.argv[1], "rb") as f:  # the index as it was before the damage, like a reused saved index
         index = pickle.load(f)

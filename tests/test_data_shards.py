@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from test_convert import make_raw, run_convert
 
-from stemdl.data import shards as shards_mod
-from stemdl.data.shards import ShardSet, is_shard_dir, verify_files
-from stemdl.errors import DataError, StemdlError
+from stemdl.harness import shards as shards_mod
+from stemdl.harness.shards import ShardSet, is_shard_dir, verify_files
+from stemdl.harness.errors import DataError, StemdlError
 
 
 @pytest.fixture(scope="module")

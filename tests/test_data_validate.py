@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stemdl.cli import main
-from stemdl.data.validate import validate, value_problems
+from stemdl.workloads.spacegroup.data.validate import validate, value_problems
 
 TRAIN = "train/batch_train_0.h5"
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from mpirun import run_ranks
 
-from stemdl import dist
-from stemdl.errors import StemdlError
+from stemdl.harness import dist
+from stemdl.harness.errors import StemdlError
 
 CHECK_SCRIPT = Path(__file__).resolve().parent / "mpi" / "dist_check.py"
 
@@ -25,7 +25,7 @@ def clean(monkeypatch):
 
 
 def test_import_is_cheap():
-    code = "import sys, stemdl.dist; print('torch' in sys.modules, 'mpi4py' in sys.modules)"
+    code = "import sys, stemdl.harness.dist; print('torch' in sys.modules, 'mpi4py' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

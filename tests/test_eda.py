@@ -10,13 +10,14 @@ import pytest
 import torch
 from sklearn.decomposition import PCA
 
-from stemdl import cli, eda
-from stemdl.data.index import load_or_build
-from stemdl.data.reader import DataFile
-from stemdl.eda.patterns import chunk_bounds, n_components
-from stemdl.eda.stats import crystal_system, draw, fair_shares, imbalance, system_codes
-from stemdl.errors import DataError, StemdlError
-from stemdl.preprocess import Preprocess
+from stemdl import cli
+from stemdl.workloads.spacegroup import eda
+from stemdl.workloads.spacegroup.data.index import load_or_build
+from stemdl.workloads.spacegroup.data.reader import DataFile
+from stemdl.workloads.spacegroup.eda.patterns import chunk_bounds, n_components
+from stemdl.workloads.spacegroup.eda.stats import crystal_system, draw, fair_shares, imbalance, system_codes
+from stemdl.harness.errors import DataError, StemdlError
+from stemdl.workloads.spacegroup.preprocess import Preprocess
 
 SIZE = 32  # smaller than the default 64: the same code, a quarter of the pixels
 
@@ -242,7 +243,7 @@ def test_bad_data_is_one_line_exit_2_and_no_report(copy_fixture, tmp_path, monke
         h5["sample_0_0/cbed_stack"][0, 10, 10] = np.nan
     with pytest.raises(DataError, match=r"batch_dev_0\.h5:sample_0_0: cbed_stack has non-finite"):
         run_eda(data, tmp_path / "out")
-    monkeypatch.setitem(cli.COMMANDS, "eda", ("stemdl.eda", "exploratory data analysis report"))
+    monkeypatch.setitem(cli.COMMANDS, "eda", ("stemdl.workloads.spacegroup.eda", "exploratory data analysis report"))
     assert cli.main(["eda", str(data), "--out", str(tmp_path / "out"), "--quiet", "--workers", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("stemdl eda: error: ") and "sample_0_0" in err[0]

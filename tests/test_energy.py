@@ -6,8 +6,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from stemdl import energy, mlperf
-from stemdl.dist import DistributedEnv
+from stemdl.harness import energy, mlperf
+from stemdl.harness.dist import DistributedEnv
 
 
 class NotSupported(Exception):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from stemdl.ensemble import average_logits, rank_groups
-from stemdl.errors import StemdlError
+from stemdl.workloads.spacegroup.ensemble import average_logits, rank_groups
+from stemdl.harness.errors import StemdlError
 
 
 def test_average_logits_is_the_mean_of_the_members():

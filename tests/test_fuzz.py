@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from stemdl.data import layout
-from stemdl.data.index import load_or_build
-from stemdl.data.reader import DataFile
-from stemdl.data.validate import validate
-from stemdl.errors import DataError, StemdlError
+from stemdl.workloads.spacegroup.data import layout
+from stemdl.workloads.spacegroup.data.index import load_or_build
+from stemdl.workloads.spacegroup.data.reader import DataFile
+from stemdl.workloads.spacegroup.data.validate import validate
+from stemdl.harness.errors import DataError, StemdlError
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "stemdl_layout" / "batch_train_0.h5"
 SMALL = (layout.N_PATTERNS, 8, 8)  # small images keep every example fast; the validator accepts any (3, S, S)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stemdl.errors import StemdlError
-from stemdl.losses import LOSSES, build_loss, class_counts, default_drw_epoch
+from stemdl.harness.errors import StemdlError
+from stemdl.workloads.spacegroup.losses import LOSSES, build_loss, class_counts, default_drw_epoch
 
 COUNTS = np.array([500, 0, 40, 3, 0, 1])  # classes 1 and 4 absent from training
 

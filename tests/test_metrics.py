@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from stemdl.errors import StemdlError
-from stemdl.metrics import ConfusionMatrix
+from stemdl.harness.errors import StemdlError
+from stemdl.harness.metrics import ConfusionMatrix
 
 
 def sklearn_scores(y, p):

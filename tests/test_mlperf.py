@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from mlperf_logging.mllog import constants as mllog_constants
 
-from stemdl import mlperf
-from stemdl.errors import StemdlError
-from stemdl.mlperf import MLLogger
+from stemdl.harness import mlperf
+from stemdl.harness.errors import StemdlError
+from stemdl.harness.mlperf import MLLogger
 
 T0 = 1_700_000_000_123
 HERE = json.dumps(__file__)  # the call site mllog puts in the metadata, JSON-quoted
@@ -133,7 +133,7 @@ def test_each_line_reaches_the_file_before_a_kill(tmp_path):
     path = tmp_path / "mllog.txt"
     code = (
         "import os, signal\n"
-        "from stemdl import mlperf\n"
+        "from stemdl.harness import mlperf\n"
         f"log = mlperf.MLLogger({str(path)!r}, 0)\n"
         "log.start(mlperf.INIT_START)\n"
         "log.event(mlperf.SEED, 5)\n"

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from stemdl.errors import StemdlError
-from stemdl.models import MODELS, build_model
+from stemdl.harness.errors import StemdlError
+from stemdl.workloads.spacegroup.models import MODELS, build_model
 
 
 def n_params(model):

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from stemdl.config import load_config
-from stemdl.data.index import load_or_build
-from stemdl.data.shards import ShardSet
-from stemdl.data.source import raw_splits
-from stemdl.errors import StemdlError
-from stemdl.pipeline import PIPELINES, build_pipeline, reads_in_process
-from stemdl.preprocess import normalize
-from stemdl.synth import generate
+from stemdl.harness.config import load_config
+from stemdl.workloads.spacegroup.data.index import load_or_build
+from stemdl.harness.shards import ShardSet
+from stemdl.workloads.spacegroup.data.source import raw_splits
+from stemdl.harness.errors import StemdlError
+from stemdl.harness.pipelines import PIPELINES, build_pipeline, reads_in_process
+from stemdl.workloads.spacegroup.preprocess import normalize
+from stemdl.workloads.spacegroup.synth import generate
 
 
 @dataclass(frozen=True)

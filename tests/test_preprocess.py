@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stemdl.errors import StemdlError
-from stemdl.preprocess import (NORM_MEAN, NORM_STD, VIEW_CHANNELS, Preprocess, eval_views, normalize,
+from stemdl.harness.errors import StemdlError
+from stemdl.workloads.spacegroup.preprocess import (NORM_MEAN, NORM_STD, VIEW_CHANNELS, Preprocess, eval_views, normalize,
                                training_view)
 
 PER_DECADE = 255 / 7  # default floor 1e-3 .. ceiling 1e4: 7 decades

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mpirun import mpiexec
 
-from stemdl.check import check_log
+from stemdl.harness.compliance import check_log
 from stemdl.cli import main
 
 
@@ -118,7 +118,7 @@ def test_single_view_torch_pipeline_and_resnet_run(tiny_data, tmp_path):
 def test_gpu_energy_is_logged_after_the_clock_when_nvml_is_there(tiny_data, tmp_path, monkeypatch):
     from test_energy import FakeNvml
 
-    from stemdl import energy
+    from stemdl.harness import energy
 
     class CountingNvml(FakeNvml):  # a GPU whose energy counter advances 1 J per reading
         def nvmlDeviceGetTotalEnergyConsumption(self, h):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mpirun import MPI_ENV, mpiexec
 
-from stemdl.check import check_log
+from stemdl.harness.compliance import check_log
 from stemdl.cli import main
 
 
@@ -210,9 +210,9 @@ def test_two_ranks_stage_once_per_node_and_train_on_shards(shards, tmp_path):
 def test_node_scope_splits_the_shards_between_nodes_by_bytes(shards):
     from dataclasses import dataclass
 
-    from stemdl import dist
-    from stemdl.data.prepare import node_scope
-    from stemdl.data.shards import ShardSet
+    from stemdl.harness import dist
+    from stemdl.workloads.spacegroup.data.prepare import node_scope
+    from stemdl.harness.shards import ShardSet
 
     @dataclass(frozen=True)
     class TwoNodes:  # what one rank of node `node_rank` of a 2-node job sees (no second node here)

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stemdl.data.shard import shard_size, train_shard
-from stemdl.errors import StemdlError
-from stemdl.samplers import SAMPLERS, class_probabilities, epoch_indices
+from stemdl.harness.sharding import shard_size, train_shard
+from stemdl.harness.errors import StemdlError
+from stemdl.workloads.spacegroup.samplers import SAMPLERS, class_probabilities, epoch_indices
 
 # A skewed label set in a shuffled order, with gaps: class 0 has 3000 samples, class 9 one.
 SKEWED = np.random.default_rng(5).permutation(np.repeat([0, 2, 3, 7, 9], [3000, 300, 30, 3, 1]))

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stemdl.data.shard import epoch_permutation, eval_shard, node_train_shard, shard_size, train_shard
-from stemdl.errors import StemdlError
+from stemdl.harness.sharding import epoch_permutation, eval_shard, node_train_shard, shard_size, train_shard
+from stemdl.harness.errors import StemdlError
 
 sizes = st.integers(0, 5000)
 worlds = st.integers(1, 64)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from stemdl.check import check_log
+from stemdl.harness.compliance import check_log
 from mpirun import mpiexec
 
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")

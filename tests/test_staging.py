@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mpirun import run_ranks
 
-from stemdl import dist, staging
-from stemdl.errors import StemdlError
+from stemdl.harness import dist, staging
+from stemdl.harness.errors import StemdlError
 
 CHECK_SCRIPT = Path(__file__).resolve().parent / "mpi" / "staging_check.py"
 SIZES = {"train/shard_000.bin": 300_000, "train/shard_001.bin": 120_000, "dev/shard_000.bin": 70_000,
@@ -194,7 +194,7 @@ def test_cleanup_removes_the_folder_once_and_only_on_the_owner(src, stage_dir):
 
 def test_atexit_removes_what_cleanup_did_not_unless_kept(src, stage_dir):
     root, entries = src
-    code = ("import sys; from pathlib import Path; from stemdl import dist, staging; dist.setup(); "
+    code = ("import sys; from pathlib import Path; from stemdl.harness import dist, staging; dist.setup(); "
             "e = [tuple(x) for x in __import__('json').loads(sys.argv[1])]; "
             "staging.stage(Path(sys.argv[2]), e, Path(sys.argv[3]), 'lost'); "
             "staging.stage(Path(sys.argv[2]), e, Path(sys.argv[3]), 'kept', keep=True); "

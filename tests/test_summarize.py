@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from stemdl import summarize as S
-from stemdl.errors import StemdlError
+from stemdl.harness import summarize as S
+from stemdl.harness.errors import StemdlError
 
 ORG = Path(__file__).resolve().parent / "data" / "summarize" / "ORG"
 ONE_RANK = ORG / "results" / "cpu_n1" / "strong" / "stemdl"
@@ -257,7 +257,7 @@ def test_division_is_passed_to_the_check(tmp_path):
 def test_through_the_cli(tmp_path, monkeypatch, capsys):
     from stemdl import cli
     # Registered in cli.COMMANDS as "summarize"; set here too, so this test does not depend on it.
-    monkeypatch.setitem(cli.COMMANDS, "summarize", ("stemdl.summarize", "scaling tables and plots from result logs"))
+    monkeypatch.setitem(cli.COMMANDS, "summarize", ("stemdl.harness.summarize", "scaling tables and plots from result logs"))
     assert cli.main(["summarize", str(tmp_path / "absent")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such folder" in err

@@ -11,9 +11,9 @@ import pytest
 spglib = pytest.importorskip("spglib")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:spglib")
 
-from stemdl.data.layout import Structure  # noqa: E402
-from stemdl.synth import scattering as sc  # noqa: E402
-from stemdl.synth.cbed import (  # noqa: E402
+from stemdl.workloads.spacegroup.data.layout import Structure  # noqa: E402
+from stemdl.workloads.spacegroup.synth import scattering as sc  # noqa: E402
+from stemdl.workloads.spacegroup.synth.cbed import (  # noqa: E402
     PatternSpec,
     Reflections,
     random_spec,

@@ -14,11 +14,11 @@ import spglib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stemdl.data.layout import Structure
-from stemdl.errors import StemdlError
-from stemdl.synth import crystals
-from stemdl.synth.crystals import ELEMENTS, Crystal, random_crystal, verify
-from stemdl.synth.diffclass import systematic_absences
+from stemdl.workloads.spacegroup.data.layout import Structure
+from stemdl.harness.errors import StemdlError
+from stemdl.workloads.spacegroup.synth import crystals
+from stemdl.workloads.spacegroup.synth.crystals import ELEMENTS, Crystal, random_crystal, verify
+from stemdl.workloads.spacegroup.synth.diffclass import systematic_absences
 
 # spglib 2.x (old error handling) warns on every call, successful or not.
 pytestmark = pytest.mark.filterwarnings("ignore:Set OLD_ERROR_HANDLING:DeprecationWarning")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stemdl.errors import StemdlError
-from stemdl.synth import diffclass
-from stemdl.synth.diffclass import (all_classes, class_members, diffraction_class, distinguishable,
+from stemdl.harness.errors import StemdlError
+from stemdl.workloads.spacegroup.synth import diffclass
+from stemdl.workloads.spacegroup.synth.diffclass import (all_classes, class_members, diffraction_class, distinguishable,
                                     representatives, systematic_absences)
 
 # spglib 2.x (old error handling) warns on every call, successful or not.

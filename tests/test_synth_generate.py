@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from stemdl.cli import main
-from stemdl.data import layout
-from stemdl.errors import StemdlError
-from stemdl.synth import crystals, diffclass, generate
+from stemdl.workloads.spacegroup.data import layout
+from stemdl.harness.errors import StemdlError
+from stemdl.workloads.spacegroup.synth import crystals, diffclass, generate
 
 
 def tiny_config(**overrides) -> generate.SynthConfig:

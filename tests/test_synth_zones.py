@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import spglib
 
-from stemdl.data.layout import Structure
-from stemdl.errors import StemdlError
-from stemdl.synth.crystals import random_crystal
-from stemdl.synth.zones import (candidate_directions, canonical_direction, crystal_rotations,
+from stemdl.workloads.spacegroup.data.layout import Structure
+from stemdl.harness.errors import StemdlError
+from stemdl.workloads.spacegroup.synth.crystals import random_crystal
+from stemdl.workloads.spacegroup.synth.zones import (candidate_directions, canonical_direction, crystal_rotations,
                                 direction_length, equivalent_directions, zone_axes)
 
 # spglib 2.x (old error handling) warns on every call, successful or not.

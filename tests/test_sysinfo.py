@@ -6,8 +6,8 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from stemdl import energy, sysinfo
-from stemdl.errors import StemdlError
+from stemdl.harness import energy, sysinfo
+from stemdl.harness.errors import StemdlError
 
 
 @pytest.fixture

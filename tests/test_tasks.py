@@ -13,10 +13,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from stemdl import tasks as T
-from stemdl.data.index import load_or_build
-from stemdl.errors import DataError, StemdlError
-from stemdl.models import build_model
+from stemdl.workloads.spacegroup import heads as T
+from stemdl.workloads.spacegroup.data.index import load_or_build
+from stemdl.harness.errors import DataError, StemdlError
+from stemdl.workloads.spacegroup.models import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:Set OLD_ERROR_HANDLING:DeprecationWarning")
 

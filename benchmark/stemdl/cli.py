@@ -23,21 +23,21 @@ import importlib
 import sys
 
 from stemdl import __version__
-from stemdl.errors import StemdlError
+from stemdl.harness.errors import StemdlError
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "run": ("stemdl.train", "the timed benchmark: train to the target macro F1, writing an MLLOG"),
-    "check": ("stemdl.check", "run the MLPerf compliance checker on stemdl logs with our rule files"),
-    "summarize": ("stemdl.summarize", "scaling tables and plots (md, csv, json, png) from a submission's logs"),
-    "sysinfo": ("stemdl.sysinfo", "write ORG/systems/NAME.json, the MLPerf HPC system description of this machine"),
-    "synth": ("stemdl.synth.generate", "generate a synthetic data set in the public STEMDL layout"),
-    "validate": ("stemdl.data.validate", "check every sample of a data directory and summarize it"),
-    "index": ("stemdl.data.index", "build or reuse the cached sample index of a data directory"),
-    "convert": ("stemdl.data.convert", "convert a data set to preprocessed shards (MPI-parallel, resumable)"),
-    "eda": ("stemdl.eda", "exploratory data analysis report (Markdown, PNG, JSON) of a data set"),
-    "ablate": ("stemdl.ablate", "ablations of the data challenge: imbalance methods, multi-task heads"),
-    "bench": ("stemdl.bench", "measure the speed of a part of the harness (prints figures)"),
+    "run": ("stemdl.harness.loop", "the timed benchmark: train to the target macro F1, writing an MLLOG"),
+    "check": ("stemdl.harness.compliance", "run the MLPerf compliance checker on stemdl logs with our rule files"),
+    "summarize": ("stemdl.harness.summarize", "scaling tables and plots (md, csv, json, png) from a submission's logs"),
+    "sysinfo": ("stemdl.harness.sysinfo", "write ORG/systems/NAME.json, the MLPerf HPC system description of this machine"),
+    "synth": ("stemdl.workloads.spacegroup.synth.generate", "generate a synthetic data set in the public STEMDL layout"),
+    "validate": ("stemdl.workloads.spacegroup.data.validate", "check every sample of a data directory and summarize it"),
+    "index": ("stemdl.workloads.spacegroup.data.index", "build or reuse the cached sample index of a data directory"),
+    "convert": ("stemdl.workloads.spacegroup.data.convert", "convert a data set to preprocessed shards (MPI-parallel, resumable)"),
+    "eda": ("stemdl.workloads.spacegroup.eda", "exploratory data analysis report (Markdown, PNG, JSON) of a data set"),
+    "ablate": ("stemdl.workloads.spacegroup.ablate", "ablations of the data challenge: imbalance methods, multi-task heads"),
+    "bench": ("stemdl.workloads.spacegroup.bench", "measure the speed of a part of the harness (prints figures)"),
 }
 
 

@@ -4,8 +4,8 @@ as the `stemdl` command runs it, printing a StemdlError as one line and exiting 
 import argparse
 import sys
 
-from stemdl.data import convert
-from stemdl.errors import StemdlError
+from stemdl.workloads.spacegroup.data import convert
+from stemdl.harness.errors import StemdlError
 
 
 def main(argv: list[str]) -> int:

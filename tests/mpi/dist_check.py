@@ -6,7 +6,7 @@ import traceback
 
 import torch
 
-from stemdl import dist
+from stemdl.harness import dist
 
 
 def check() -> str:

@@ -14,8 +14,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from stemdl import dist, staging
-from stemdl.errors import StemdlError
+from stemdl.harness import dist, staging
+from stemdl.harness.errors import StemdlError
 
 
 def check(manifest: Path, src: Path, stage_dir: Path, tag: str) -> int:

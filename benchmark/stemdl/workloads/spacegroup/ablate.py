@@ -1,0 +1,278 @@
+"""`stemdl ablate`: the data challenge's questions (2) and (3) as measured ablations on one data set.
+
+    stemdl ablate imbalance --out results/imbalance            # losses, samplers, a seed ensemble
+    stemdl ablate multitask --out results/multitask            # extra heads, fixed and learned weights
+    stemdl ablate imbalance --methods ce,focal --seeds 0,1 --set epochs=20 --data /lustre/stemdl-shards
+
+Every method is a set of config overrides on one base (`--config`, the `ablation` preset by default: the
+imbalanced synthetic set with the public class mix, the small CNN, 12 epochs, no stop at the target), run
+with `stemdl run` in this process, so each leaves its MLLOG and metrics in OUT/runs/<method>/seed_<s>/.
+The table (OUT/ablation.md, .json) gives, per method and averaged over the seeds: macro F1, weighted F1,
+top-1 accuracy and the tail macro F1 (the mean F1 of the classes with fewer training samples than the
+median class) of the last evaluation, and the minutes to the first evaluation at the target macro F1
+where one reached it. The ensemble row averages the logits of the `ce` members (one per seed), so it
+needs `ce` in the methods and is evaluated after them; with one seed it trains extra members.
+
+A method already finished in OUT (its metrics file is there) is not run again: an interrupted ablation
+resumes where it stopped. Results are never overwritten; a new OUT starts afresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from stemdl.harness.errors import StemdlError
+
+# name -> config overrides; the registry of each study (data, not code paths)
+IMBALANCE = {
+    "ce": {},
+    "weighted": {"loss": "weighted"},
+    "class_balanced": {"loss": "class_balanced"},
+    "focal": {"loss": "focal"},
+    "logit_adjusted": {"loss": "logit_adjusted"},
+    "drw": {"loss": "drw"},
+    "sampler_sqrt": {"sampler": "sqrt"},
+    "sampler_balanced": {"sampler": "balanced"},
+}
+MULTITASK = {
+    "space_group": {},
+    "heads_fixed": {"tasks": "space_group,lattice,crystal_system,centring"},
+    "heads_learned": {"tasks": "space_group,lattice,crystal_system,centring", "task_weighting": "learned"},
+}
+STUDIES = {"imbalance": IMBALANCE, "multitask": MULTITASK}
+ENSEMBLE = "ensemble"  # the imbalance study's extra row: logits of the ce members averaged
+
+
+def _method_dir(out: Path, method: str, seed: int) -> Path:
+    return out / "runs" / method / f"seed_{seed}"
+
+
+def run_method(out: Path, base: str, method: str, overrides: dict, seed: int, data: str | None,
+               extra: list[str], keep_model: bool) -> dict:
+    """One `stemdl run`, or the metrics of the one that already finished in OUT."""
+    from stemdl.cli import main
+
+    folder = _method_dir(out, method, seed)
+    done = sorted(folder.glob("result_*.metrics.json"))
+    if not done:
+        argv = ["run", "--config", base, "--log-dir", str(folder), "--seed", str(seed)]
+        argv += ["--data", data] if data else []
+        for key, value in overrides.items():
+            argv += ["--set", f"{key}={value}"]
+        if keep_model:  # the ensemble needs the members' final weights
+            argv += ["--set", f"checkpoint_dir={folder / 'model'}", "--set", "checkpoint_every=1",
+                     "--set", "checkpoint_keep=1"]
+        print(f"stemdl ablate: {method} (seed {seed})", file=sys.stderr, flush=True)
+        status = main(argv + extra)
+        if status != 0:
+            raise StemdlError(f"stemdl ablate: the {method} run (seed {seed}) failed with exit status {status}; "
+                              f"its log is in {folder}")
+        done = sorted(folder.glob("result_*.metrics.json"))
+    return json.loads(done[-1].read_text())
+
+
+def tail_classes(counts: np.ndarray) -> np.ndarray:
+    """Class indices with training samples but fewer than the median class (of the classes present)."""
+    present = np.flatnonzero(counts)
+    return present[counts[present] < np.median(counts[present])]
+
+
+def summarize_run(metrics: dict, tail: np.ndarray, target: float) -> dict:
+    final = json.loads(metrics["final"]) if isinstance(metrics["final"], str) else metrics["final"]
+    tail_f1 = [row["f1"] for row in final["per_class"] if row["class"] in set(tail.tolist())]
+    reached = [h for h in metrics["history"] if h["macro_f1"] >= target]
+    row = {"macro_f1": final["macro_f1"], "weighted_f1": final["weighted_f1"], "top1": final["accuracy"],
+           "tail_macro_f1": float(np.mean(tail_f1)) if tail_f1 else float("nan"),
+           "minutes_to_target": reached[0]["elapsed_min"] if reached else None,
+           "epochs_to_target": reached[0]["epoch"] if reached else None,
+           "minutes": metrics["history"][-1]["elapsed_min"] if metrics["history"] else None}
+    for key in ("crystal_system_accuracy", "centring_accuracy", *(f"lattice_mae_{n}" for n in
+                                                                  ("a", "b", "c", "alpha", "beta", "gamma"))):
+        if metrics["history"] and key in metrics["history"][-1]:
+            row[key] = metrics["history"][-1][key]
+    return row
+
+
+def mean_rows(rows: list[dict]) -> dict:
+    """Per key: the mean over seeds (minutes to target: over the seeds that reached it, with the count)."""
+    out = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+        if key == "epochs_to_target":
+            out["reached"] = f"{len(values)}/{len(rows)}"
+    return out
+
+
+# ---------------------------------------------------------------- the ensemble
+
+
+def ensemble_metrics(out: Path, base: str, seeds: list[int], data: str | None, extra_sets: dict) -> dict:
+    """Macro F1 etc. of the ce members' averaged logits on the evaluation split (one process)."""
+    import torch
+
+    from stemdl.harness import checkpoint, dist, mlperf
+    from stemdl.harness.config import load_config
+    from stemdl.workloads.spacegroup.data.prepare import ensure_data, prepare
+    from stemdl.harness.metrics import ConfusionMatrix
+    from stemdl.harness.pipelines import NUM_CLASSES, build_pipeline
+    from stemdl.workloads.spacegroup.preprocess import normalize
+    from stemdl.harness.loop import as_outputs, build_criterion, build_model_and_optimizer, lattice_scale
+
+    overrides = {**extra_sets, "seed": seeds[0]}
+    if data:
+        overrides.update(data=data, synth_preset="")
+    cfg = load_config(base, overrides)
+    env = dist.setup()
+    try:
+        prepared = prepare(ensure_data(cfg), cfg, env, mlperf.MLLogger(None, rank=1))  # rank 1: writes nothing
+        pipe = build_pipeline("memory", prepared.train, prepared.eval, cfg, env)
+        criterion = build_criterion(cfg, prepared, lattice_scale(cfg, prepared), torch.device("cpu"))
+        members = []
+        for seed in seeds:
+            model, _, _ = build_model_and_optimizer(cfg, env, pipe.steps_per_epoch, criterion)
+            state = torch.load(checkpoint.resolve(_method_dir(out, "ce", seed) / "model"), weights_only=False)
+            checkpoint.unwrap(model).load_state_dict(state["model"])
+            members.append(model.eval())
+        cm = ConfusionMatrix(NUM_CLASSES)
+        with torch.no_grad():
+            for x, y, _, mask in pipe.eval_batches():
+                x = normalize(x).contiguous(memory_format=torch.channels_last)
+                logits = sum(as_outputs(m(x))["space_group"].float() for m in members) / len(members)
+                cm.update(y, logits.argmax(dim=1), mask)
+        return {"final": cm.to_dict(), "history": []}
+    finally:
+        dist.teardown()
+
+
+# ---------------------------------------------------------------- the table
+
+
+def table(study: str, rows: dict, config: dict) -> str:
+    columns = [("macro_f1", "macro F1"), ("weighted_f1", "weighted F1"), ("top1", "top-1"),
+               ("tail_macro_f1", "tail macro F1"), ("epochs_to_target", "epochs to target"), ("minutes_to_target", "min to target"), ("reached", "reached")]
+    if study == "multitask":
+        columns += [("crystal_system_accuracy", "crystal system acc."), ("centring_accuracy", "centring acc."),
+                    ("lattice_mae_a", "MAE a (A)"), ("lattice_mae_alpha", "MAE alpha (deg)")]
+    lines = [f"| method | {' | '.join(title for _, title in columns)} |", "|---" * (len(columns) + 1) + "|"]
+    for method, row in rows.items():
+        cells = []
+        for key, _ in columns:
+            value = row.get(key)
+            cells.append("-" if value is None else value if isinstance(value, str) else f"{value:.4f}"
+                         if key not in ("minutes_to_target", "epochs_to_target") else f"{value:.1f}")
+        lines.append(f"| {method} | {' | '.join(cells)} |")
+    head = (f"# stemdl ablate {study}\n\nBase config `{config['base']}`, data `{config['data']}`, seeds "
+            f"{config['seeds']}, target macro F1 {config['target']}; tail = classes with fewer training samples "
+            f"than the median class ({config['tail_classes']} of {config['classes']}).\n\n")
+    return head + "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study", choices=list(STUDIES), help="which ablation")
+    parser.add_argument("--out", required=True, help="folder for the runs and the table (resumed if it exists)")
+    parser.add_argument("--config", default="ablation", help="base preset or YAML file (default: %(default)s)")
+    parser.add_argument("--data", help="data folder (default: the base config's, generated if synthetic)")
+    parser.add_argument("--methods", help="comma list (default: all of the study's)")
+    parser.add_argument("--seeds", default="0", help="comma list of seeds (default: %(default)s)")
+    parser.add_argument("--ensemble", type=int, default=3,
+                        help="imbalance: members of the ce seed ensemble (0: none; default %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key of every run, e.g. --set epochs=20")
+
+
+def _plan(args) -> tuple[dict, list[int]]:
+    study = STUDIES[args.study]
+    names = args.methods.split(",") if args.methods else list(study)
+    unknown = [n for n in names if n not in study]
+    if unknown:
+        raise StemdlError(f"--methods: {unknown[0]!r} is not one of {', '.join(study)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise StemdlError(f"--seeds {args.seeds!r}: expected a comma list of integers") from None
+    return {n: study[n] for n in names}, seeds
+
+
+def ensemble_seeds(seeds: list[int], k: int) -> list[int]:
+    """The ce members of the ensemble: the study's seeds first, then the next unused ones, k in all."""
+    if k < 2:
+        return []
+    members = list(dict.fromkeys(seeds))[:k]
+    candidate = max(seeds) + 1
+    while len(members) < k:
+        members.append(candidate)
+        candidate += 1
+    return members
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from stemdl.harness.config import load_config
+
+    methods, seeds = _plan(args)
+    extra_sets = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise StemdlError(f"--set {item!r}: expected KEY=VALUE")
+        extra_sets[key.strip()] = yaml.safe_load(value)
+    base = load_config(args.config, extra_sets)  # a bad key fails here, before any run
+    extra = [a for item in args.set for a in ("--set", item)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    members = ensemble_seeds(seeds, args.ensemble) if args.study == "imbalance" and "ce" in methods else []
+    results = {}
+    for method, overrides in methods.items():
+        for seed in sorted(set(seeds) | (set(members) if method == "ce" else set())):
+            results.setdefault(method, {})[seed] = run_method(out, args.config, method, overrides, seed, args.data,
+                                                              extra, keep_model=method == "ce" and seed in members)
+    counts = _train_counts(out, methods, seeds)
+    tail = tail_classes(counts)
+    rows = {m: mean_rows([summarize_run(results[m][s], tail, base.target) for s in seeds]) for m in methods}
+    if members:
+        ens = ensemble_metrics(out, args.config, members, args.data, extra_sets)
+        rows[f"{ENSEMBLE} ({len(members)} x ce)"] = mean_rows([summarize_run(ens, tail, base.target)])
+    config = {"base": args.config, "data": args.data or base.data, "seeds": seeds, "target": base.target,
+              "tail_classes": len(tail), "classes": int(np.count_nonzero(counts)), "members": members,
+              "overrides": extra_sets}
+    write_atomic(out / "ablation.json", json.dumps({"study": args.study, "config": config, "rows": rows},
+                                                   indent=1) + "\n")
+    text = table(args.study, rows, config)
+    write_atomic(out / "ablation.md", text)
+    print(text, flush=True)
+    return 0
+
+
+def _train_counts(out: Path, methods: dict, seeds: list[int]) -> np.ndarray:
+    """Training samples per class index, as the first run saw them (its config names the data)."""
+    from stemdl.harness.config import load_config
+    from stemdl.harness.shards import ShardSet, is_shard_dir
+
+    first = next(iter(methods))
+    saved = sorted(_method_dir(out, first, seeds[0]).glob("result_*.config.json"))[-1]
+    cfg = load_config("default", {k: v for k, v in json.loads(saved.read_text()).items()})
+    if is_shard_dir(cfg.data):
+        labels = ShardSet.open(cfg.data, verify="none").split(cfg.train_split).labels
+    else:
+        from stemdl.workloads.spacegroup.data.index import load_or_build
+
+        index = load_or_build(cfg.data, quiet=True)
+        labels = index.label[index.select(cfg.train_split)].astype(np.int64) - 1
+    return np.bincount(labels, minlength=230)

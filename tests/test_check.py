@@ -11,13 +11,21 @@ from mlperf_logging.mllog import constants as mllog_constants
 
 from stemdl.harness import compliance as check
 from stemdl.harness import mlperf as M  # the log keys: M.RUN_START, M.NUMBER_OF_NODES, ...
-from stemdl.harness.compliance import check_log
+from stemdl.harness import rules as R
 from stemdl.harness.errors import StemdlError
 from stemdl.harness.mlperf import MLLogger
+from stemdl.workloads import REGISTRY
+from stemdl.workloads.spacegroup.workload import WORKLOAD
 
 T0 = 1_700_000_000_000
 MINUTE = 60_000
-RULES = check.STEMDL_RULES_DIR / "hpc_3.0.0"
+EVAL_ACCURACY, TARGET_EVAL_ACCURACY = WORKLOAD.eval_key, WORKLOAD.target_key  # the space-group keys
+
+
+def check_log(path, division=None):
+    """(passed, messages) of the check against the registered benchmarks."""
+    verdict = check.check_log(path, REGISTRY, division)
+    return verdict.passed, verdict.messages
 
 
 class Clock:
@@ -48,7 +56,7 @@ def simulate(path, division="closed", f1s=(0.41, 0.77, 0.92), status="success", 
 
         log = Log()
         if submission is None:
-            full.submission_info("lab", division, "onprem", "cpu")
+            full.submission_info("stemdl", "lab", division, "onprem", "cpu")
         else:
             for key, value in submission.items():
                 log.event(key, value)
@@ -57,7 +65,7 @@ def simulate(path, division="closed", f1s=(0.41, 0.77, 0.92), status="success", 
         params = {M.GLOBAL_BATCH_SIZE: 64, M.SEED: 0, M.OPT_NAME: opt, M.OPT_BASE_LR: 1e-3,
                   M.OPT_WEIGHT_DECAY: 5e-5, M.OPT_LR_WARMUP_EPOCHS: 1.0, M.OPT_LR_DECAY_SCHEDULE: "cosine",
                   M.TRAIN_SAMPLES: 1000, M.EVAL_SAMPLES: 200, M.NUMBER_OF_NODES: 1,
-                  M.ACCELERATORS_PER_NODE: 0, M.TARGET_EVAL_ACCURACY: target}
+                  M.ACCELERATORS_PER_NODE: 0, TARGET_EVAL_ACCURACY: target}
         full.log_params({key: value for key, value in params.items() if key not in skip})
         clock.advance(init_minutes)
         log.end(M.INIT_STOP)
@@ -70,8 +78,9 @@ def simulate(path, division="closed", f1s=(0.41, 0.77, 0.92), status="success", 
             log.start(M.EVAL_START, metadata=meta)
             if not metrics_inside_eval:
                 log.end(M.EVAL_STOP, metadata=meta)
-            if M.EVAL_ACCURACY not in skip:
-                full.log_eval(epoch, f1, weighted_f1=min(f1 + 0.01, 1.0), top1=min(f1 + 0.02, 1.0))
+            if EVAL_ACCURACY not in skip:
+                full.log_eval(epoch, {EVAL_ACCURACY: f1, "eval_weighted_f1": min(f1 + 0.01, 1.0),
+                                      "eval_top1_accuracy": min(f1 + 0.02, 1.0)})
             if metrics_inside_eval:
                 log.end(M.EVAL_STOP, metadata=meta)
         if M.RUN_STOP not in skip:
@@ -109,9 +118,23 @@ def test_metrics_may_come_before_or_after_eval_stop(log):
     assert check_log(simulate(log, metrics_inside_eval=True)) == (True, [])
 
 
-@pytest.mark.parametrize("division", ["closed", "open"])
-def test_aborted_run_below_the_target_passes(log, division):
-    assert check_log(simulate(log, division, f1s=(0.41, 0.77, 0.85), status="aborted")) == (True, [])
+def test_open_aborted_run_below_the_target_passes(log):
+    assert check_log(simulate(log, "open", f1s=(0.41, 0.77, 0.85), status="aborted")) == (True, [])
+
+
+def test_closed_run_that_never_reached_the_target_fails_and_says_why(log):
+    simulate(log, "closed", f1s=(0.41, 0.77, 0.85), status="aborted")
+    verdict = check.check_log(log, REGISTRY)
+    assert not verdict.passed and verdict.only_target_missed and verdict.reached is False
+    assert (verdict.best, verdict.target) == (0.85, 0.9)
+    assert verdict.problems == ["the target was never reached: a closed stemdl log needs an evaluation with "
+                                "eval_accuracy (macro F1) >= 0.9; the best of 3 evaluation(s) was 0.8500"]
+    assert verdict.summary().startswith("FAILED: the target was never reached")
+
+
+def test_aborted_closed_run_that_reached_the_target_once_passes(log):
+    # stop_at_target off: the last evaluation fell below again, but one reached it
+    assert check_log(simulate(log, "closed", f1s=(0.91, 0.88), status="aborted")) == (True, [])
 
 
 def test_open_division_takes_its_own_target_and_optimizer(log):
@@ -136,11 +159,11 @@ def test_no_run_stop_fails(log):
 @pytest.mark.parametrize("division", ["closed", "open"])
 def test_success_below_the_target_fails(log, division):
     text = failures(simulate(log, division, f1s=(0.41, 0.85)))
-    assert "CHECK for 'run_stop' failed" in text and "s['last_eval_accuracy'] >= s['target']" in text
+    assert "CHECK for 'run_stop' failed" in text and "s['last_eval'] >= s['target']" in text
 
 
 def test_success_without_any_eval_fails(log):
-    assert "CHECK for 'run_stop' failed" in failures(simulate(log, f1s=(0.95,), skip={M.EVAL_ACCURACY}))
+    assert "CHECK for 'run_stop' failed" in failures(simulate(log, f1s=(0.95,), skip={EVAL_ACCURACY}))
 
 
 def test_open_success_below_its_logged_target_fails(log):
@@ -162,8 +185,8 @@ def test_unknown_run_status_fails(log):
 @pytest.mark.parametrize("division", ["closed", "open"])
 @pytest.mark.parametrize("key", [M.NUMBER_OF_NODES, M.ACCELERATORS_PER_NODE, M.GLOBAL_BATCH_SIZE, M.SEED,
                                  M.TRAIN_SAMPLES, M.EVAL_SAMPLES, M.OPT_NAME, M.OPT_BASE_LR, M.OPT_WEIGHT_DECAY,
-                                 M.TARGET_EVAL_ACCURACY, M.CACHE_CLEAR, M.INIT_START, M.INIT_STOP,
-                                 M.RUN_START, M.EPOCH_START, M.EVAL_STOP, M.EVAL_ACCURACY])
+                                 TARGET_EVAL_ACCURACY, M.CACHE_CLEAR, M.INIT_START, M.INIT_STOP,
+                                 M.RUN_START, M.EPOCH_START, M.EVAL_STOP, EVAL_ACCURACY])
 def test_missing_required_key_fails(log, key, division):
     assert f"'{key}' but found 0" in failures(simulate(log, division, skip={key}))
 
@@ -213,7 +236,7 @@ def test_unknown_division_fails(log, division):
 def test_other_benchmark_fails(log):
     submission = {M.SUBMISSION_BENCHMARK: "cosmoflow", M.SUBMISSION_ORG: "lab", M.SUBMISSION_DIVISION: "closed",
                   M.SUBMISSION_STATUS: "onprem", M.SUBMISSION_PLATFORM: "cpu"}
-    assert "The stemdl rules were not applied: submission_benchmark is 'cosmoflow'" in \
+    assert "submission_benchmark 'cosmoflow' is not a registered benchmark (stemdl)" in \
         failures(simulate(log, submission=submission))
 
 
@@ -223,7 +246,7 @@ def test_closed_target_must_be_0_9(log):
 
 def test_events_after_run_stop_or_out_of_order_fail(log, tmp_path):
     simulate(log)
-    edit(log, lambda rs: rs + [r for r in rs if r["key"] == M.EVAL_ACCURACY][-1:])
+    edit(log, lambda rs: rs + [r for r in rs if r["key"] == EVAL_ACCURACY][-1:])
     assert "CHECK for 'eval_accuracy' failed" in failures(log)
     other = simulate(tmp_path / "epochs.txt")
     edit(other, lambda rs: [{**r, "metadata": {"file": "x.py", "lineno": 1}} if r["key"] == M.EPOCH_STOP else r
@@ -248,6 +271,8 @@ def test_missing_or_unreadable_log_is_one_line_error(tmp_path):
         check_log(tmp_path)
     with pytest.raises(StemdlError, match="division 'foo'"):
         check_log(tmp_path / "absent.txt", "foo")
+    with pytest.raises(StemdlError, match="give one or more logs"):
+        run_cli([])
 
 
 # -- the command
@@ -255,7 +280,7 @@ def test_missing_or_unreadable_log_is_one_line_error(tmp_path):
 def run_cli(argv):
     parser = argparse.ArgumentParser()
     check.configure(parser)
-    return check.run(parser.parse_args(argv))
+    return check.run(parser.parse_args(argv), REGISTRY)
 
 
 def test_cli_prints_a_verdict_per_log_and_exits_0_only_if_all_pass(tmp_path, capsys):
@@ -287,25 +312,44 @@ def test_official_rules_alone_reject_stemdl(log):
     assert check_log(log) == (True, [])  # and our check is not disturbed by the crash's leftovers
 
 
-def _rules(name):
-    records = yaml.safe_load((RULES / name).read_text())
+def _rules(division):
+    records = R.rules(WORKLOAD, division)
     begin = [r["BEGIN"]["CODE"] for r in records if "BEGIN" in r]
     return begin, {r["KEY"]["NAME"]: r["KEY"] for r in records if "KEY" in r}
 
 
 def test_closed_and_open_rules_differ_only_where_the_divisions_do():
-    (closed_begin,), closed = _rules("closed_stemdl.yaml")
-    (open_begin,), open_ = _rules("open_stemdl.yaml")
-    assert closed_begin.replace("'target': 0.9", "'target': None") == open_begin
+    (closed_begin,), closed = _rules("closed")
+    (open_begin,), open_ = _rules("open")
+    assert closed_begin == open_begin, "the open target comes from the log (target_eval_accuracy's POST)"
     differ = {name for name in closed.keys() | open_.keys() if closed.get(name) != open_.get(name)}
-    assert differ == {M.OPT_NAME, M.TARGET_EVAL_ACCURACY, M.OPT_LR_WARMUP_EPOCHS}
+    assert differ == {M.OPT_NAME, TARGET_EVAL_ACCURACY, M.OPT_LR_WARMUP_EPOCHS, EVAL_ACCURACY}
+    assert closed[EVAL_ACCURACY] == {**open_[EVAL_ACCURACY], "ATLEAST_ONE_CHECK": "v['value'] >= s['target']"}
 
 
 def test_rule_keys_are_known_constants():
     known = {v for n, v in vars(mllog_constants).items() if n.isupper()} | \
-            {v for n, v in vars(M).items() if n.isupper() and isinstance(v, str)}
-    for name in ("closed_stemdl.yaml", "open_stemdl.yaml"):
-        assert set(_rules(name)[1]) <= known, name
+            {v for n, v in vars(M).items() if n.isupper() and isinstance(v, str)} | set(WORKLOAD.log_keys.values()) \
+            | {TARGET_EVAL_ACCURACY}
+    for division in R.DIVISIONS:
+        assert set(_rules(division)[1]) <= known, division
+
+
+def test_written_rule_files_are_what_the_check_uses_and_the_official_checker_takes(log, tmp_path, monkeypatch):
+    written = check.write_rules(REGISTRY, tmp_path)
+    assert sorted(p.name for p in written) == ["closed_stemdl.yaml", "open_stemdl.yaml"]
+    for path in written:
+        assert yaml.safe_load(path.read_text()) == R.rules(WORKLOAD, path.name.split("_")[0])
+    # The official checker alone, its rule files beside ours (it looks beside its module), passes a good
+    # log and fails one that never reached the target.
+    official = Path(mlp_compliance.__file__).parent / "hpc_3.0.0"
+    for name in ("common.yaml", "closed_common.yaml"):
+        (tmp_path / "hpc_3.0.0" / name).write_text((official / name).read_text())
+    monkeypatch.setattr(mlp_compliance, "__file__", str(tmp_path / "mlp_compliance.py"))
+    for f1s, status, expected in (((0.5, 0.95), "success", True), ((0.5, 0.6), "aborted", False)):
+        mlp_compliance.enqueued_configs.clear()
+        checker = mlp_compliance.make_checker("hpc", "3.0.0", quiet=True, werror=False)
+        assert checker.check_file(str(simulate(log, f1s=f1s, status=status)), "hpc_3.0.0/common.yaml") == expected
 
 
 def test_every_resource_ships_with_the_package():

@@ -9,7 +9,7 @@ import torch
 from stemdl.harness.dali import DaliBatches
 from stemdl.harness.sharding import eval_shard, train_shard
 from stemdl.harness.errors import DataError, StemdlError
-from stemdl.workloads.spacegroup.preprocess import normalize
+from stemdl.workloads.spacegroup.preprocess import NORM_MEAN, NORM_STD, normalize
 
 BATCH = 4
 
@@ -38,6 +38,7 @@ class ArraySplit:
         self.images = (rng.random(shape) * 255 if dtype == np.float16 else rng.integers(0, 256, shape)).astype(dtype)
         self.labels = rng.integers(0, 230, n).astype(np.int64)
         self.targets = rng.normal(5.0, 2.0, (n, 6)).astype(np.float32)
+        self.fields = {"labels": self.labels, "targets": self.targets}  # handed on with every batch
         self.dtype = self.images.dtype
         self.bad = bad  # a sample whose read fails, like a damaged shard
         self.reads = 0
@@ -65,10 +66,12 @@ def expected(split: ArraySplit, order: np.ndarray, normalized: bool):
 
 def assert_batches(got: list, split: ArraySplit, order: np.ndarray, mask: np.ndarray | None = None,
                    normalized: bool = False) -> None:
-    """`got` holds the images of `order` (normalized, or the stored values as they are), labels, targets."""
+    """`got` holds the images of `order` (normalized, or the stored values as they are), then the fields
+    (labels, targets), then the mask when given."""
     assert len(got) == len(order) // BATCH
     for k, (batch, (x, y, t)) in enumerate(zip(got, expected(split, order, normalized), strict=True)):
-        assert len(batch) == (3 if mask is None else 4)
+        assert len(batch) == (2 if mask is None else 3) and len(batch[1]) == 2
+        batch = (batch[0], *batch[1], *batch[2:])
         assert batch[0].dtype == x.dtype and batch[0].shape == x.shape
         if normalized:
             assert torch.allclose(batch[0], x, rtol=0, atol=1e-5)
@@ -87,7 +90,8 @@ def assert_batches(got: list, split: ArraySplit, order: np.ndarray, mask: np.nda
 @pytest.mark.parametrize("into", [False, True], ids=["arrays", "ring"])
 def test_train_and_eval_batches_follow_the_harness_order(dtype, norm, group, into):
     split = ArraySplit(40, dtype, into=into)
-    feed = DaliBatches(split, BATCH, device_id=None, num_threads=1, normalize=norm, group=group)
+    feed = DaliBatches(split, BATCH, device_id=None, num_threads=1, normalize=norm, group=group,
+                       normalization=(NORM_MEAN, NORM_STD))
     assert feed.normalized is bool(norm), "on the CPU DALI hands on the stored values unless asked to normalize"
     order = train_shard(len(split), 5, 1, 1, 2, BATCH)  # rank 1 of 2: 20 samples, 5 batches
     got = list(feed.epoch(order))  # every batch held to the end: later batches must not overwrite them
@@ -114,7 +118,7 @@ def test_the_source_arrays_stay_untouched_while_dali_holds_them(into):
     assert len({r.ctypes.data for r in reads}) == (3 + 2 if into else len(reads)), "a ring of prefetch + 2"
     batch_bytes = reads[0].nbytes // 2
     read_ptrs = {r.ctypes.data + j * batch_bytes for r in reads for j in range(2)}
-    assert not read_ptrs & {x.data_ptr() for x, _, _ in got}, "x is torch's own copy"
+    assert not read_ptrs & {x.data_ptr() for x, _ in got}, "x is torch's own copy"
     assert_batches(got, split, order)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stemdl.harness.compliance import check_log
+from checks import check_log
 from stemdl.cli import main
 
 LAUNCHERS = Path(__file__).resolve().parents[1] / "launchers"

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 from stemdl.harness.errors import StemdlError
-from stemdl.harness.metrics import ConfusionMatrix
+from stemdl.harness.metrics import ConfusionMatrix, Sums, all_reduce
 
 
 def sklearn_scores(y, p):
@@ -89,7 +89,8 @@ def test_empty_matrix_and_json():
     cm = ConfusionMatrix(3)
     assert (cm.macro_f1(), cm.weighted_f1(), cm.accuracy(), cm.per_class()) == (0.0, 0.0, 0.0, [])
     cm.update(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 2, 1]))
-    d = json.loads(cm.to_json())
+    d = cm.summary()
+    assert json.loads(json.dumps(d)) == d, "plain JSON values"
     assert d["samples"] == 4 and d["accuracy"] == 0.75 and len(d["per_class"]) == 3
     assert d["macro_f1"] == cm.macro_f1()
 
@@ -126,9 +127,12 @@ def _rank_main(rank, store_path, out_path):
             y = torch.cat([y, torch.zeros(5, dtype=y.dtype)])
             p = torch.cat([p, torch.ones(5, dtype=p.dtype)])
             mask = torch.cat([mask, torch.zeros(5, dtype=torch.bool)])
-        cm = ConfusionMatrix(NUM_CLASSES).update(y, p, mask).all_reduce()
+        cm = ConfusionMatrix(NUM_CLASSES).update(y, p, mask)
+        other = Sums(2, torch.float64)  # a second meter, reduced in the same collective
+        other.sums += torch.tensor([rank + 0.5, 1.0], dtype=torch.float64)
+        all_reduce(cm, other)
         with open(f"{out_path}.{rank}", "w") as f:
-            f.write(cm.to_json())
+            f.write(json.dumps({**cm.summary(), "other": other.sums.tolist()}))
     finally:
         dist.destroy_process_group()
 
@@ -143,7 +147,7 @@ def test_two_ranks_with_uneven_shares_equal_sklearn_on_the_gathered_predictions(
     ref = sklearn_scores(y, p)
     for rank in range(2):
         d = json.loads((tmp_path / f"result.{rank}").read_text())
-        assert d["samples"] == 48
+        assert d["samples"] == 48 and d["other"] == [2.0, 2.0]
         assert abs(d["macro_f1"] - ref["macro"]) <= 1e-12
         assert abs(d["weighted_f1"] - ref["weighted"]) <= 1e-12
         assert abs(d["accuracy"] - ref["accuracy"]) <= 1e-12

@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from stemdl.harness.config import load_config
+from stemdl.harness import config
+from stemdl.harness.data import Prepared
 from stemdl.workloads.spacegroup.data.index import load_or_build
 from stemdl.harness.shards import ShardSet
 from stemdl.workloads.spacegroup.data.source import raw_splits
 from stemdl.harness.errors import StemdlError
-from stemdl.harness.pipelines import PIPELINES, build_pipeline, reads_in_process
+from stemdl.harness.pipelines import PIPELINES, Feed, build_pipeline, reads_in_process
 from stemdl.workloads.spacegroup.preprocess import normalize
 from stemdl.workloads.spacegroup.synth import generate
+from stemdl.workloads.spacegroup.workload import WORKLOAD
+
+
+def load_config(name, overrides=None):
+    return config.load_config(WORKLOAD, name, overrides)
 
 
 @dataclass(frozen=True)
@@ -46,10 +52,13 @@ def shards(tiny, tmp_path_factory):
     return ShardSet.open(out)
 
 
+def flat(batch) -> tuple:
+    """(x, fields) or (x, fields, mask) as (x, *fields[, mask]), each tensor copied."""
+    return tuple(part.clone() for part in (batch[0], *batch[1], *batch[2:]))
+
+
 def batches(pipe, epoch):
-    train = [tuple(part.clone() for part in b) for b in pipe.train_batches(epoch)]
-    evaluation = [tuple(part.clone() for part in b) for b in pipe.eval_batches()]
-    return train, evaluation
+    return [flat(b) for b in pipe.train_batches(epoch)], [flat(b) for b in pipe.eval_batches()]
 
 
 def assert_same(a, b, normalized_b=False):
@@ -75,13 +84,13 @@ def test_memory_torch_and_dali_give_the_same_batches_from_raw_data(index):
     for epoch in (1, 2):
         a_train, a_eval = batches(memory, epoch)
         assert len(a_train) == memory.steps_per_epoch == 4
-        assert a_train[0][0].dtype == torch.uint8 and a_train[0][0].shape == (2, 3, cfg.image_size, cfg.image_size)
+        assert a_train[0][0].dtype == torch.uint8 and a_train[0][0].shape == (2, 3, cfg.workload.image_size, cfg.workload.image_size)
         assert a_train[0][2].shape == (2, 6), "lattice targets travel with every batch"
         for other in (torch_pipe, dali):
             b_train, b_eval = batches(other, epoch)
             assert_same(a_train, b_train, other.normalized)
             assert_same(a_eval, b_eval, other.normalized)
-    assert [b[1].tolist() for b in memory.train_batches(1)] != [b[1].tolist() for b in memory.train_batches(2)]
+    assert [b[1][0].tolist() for b in memory.train_batches(1)] != [b[1][0].tolist() for b in memory.train_batches(2)]
 
 
 def test_uint8_shards_hold_exactly_what_the_raw_pipeline_computes(index, shards):
@@ -103,7 +112,7 @@ def test_shards_are_read_in_the_training_process_and_raw_data_by_workers(index, 
     pipe = build_pipeline("torch", train, shards.split("dev"), cfg, Env())
     first = next(pipe.train_batches(1))
     assert not multiprocessing.active_children(), "no worker process was started for shards"
-    assert first[0].dtype == torch.uint8 and first[0].shape == (2, 3, cfg.image_size, cfg.image_size)
+    assert first[0].dtype == torch.uint8 and first[0].shape == (2, 3, cfg.workload.image_size, cfg.workload.image_size)
 
 
 def test_dali_on_shards_equals_the_torch_path(shards):
@@ -124,16 +133,20 @@ def test_ranks_split_the_validation_set_exactly_once(index):
     seen = []
     for rank in range(2):
         pipe = build_pipeline("memory", train, dev, cfg, Env(rank, 2))
-        for _, y, _, mask in pipe.eval_batches():
+        for _, (y, _), mask in pipe.eval_batches():
             seen.extend(y[mask].tolist())
     assert sorted(seen) == sorted((index.label[index.select("dev")] - 1).tolist())
 
 
 def test_class_aware_samplers_keep_the_epoch_length(index):
     cfg = load_config("smoke", {"batch_size": 2, "sampler": "balanced"})
-    pipe = build_pipeline("memory", *raw_splits(index, cfg), cfg, Env())
-    labels = np.concatenate([b[1].numpy() for b in pipe.train_batches(1)])
+    train, dev = raw_splits(index, cfg)
+    feed = Feed(order=WORKLOAD.epoch_order(Prepared(train, dev), cfg, Env()))  # the workload draws its own
+    pipe = build_pipeline("memory", train, dev, cfg, Env(), feed=feed)
+    labels = np.concatenate([b[1][0].numpy() for b in pipe.train_batches(1)])
     assert len(labels) == pipe.steps_per_epoch * 2 == 8
+    uniform = build_pipeline("memory", train, dev, cfg, Env())
+    assert not np.array_equal(labels, np.concatenate([b[1][0].numpy() for b in uniform.train_batches(1)]))
 
 
 def test_unknown_pipeline_and_too_little_data(index):

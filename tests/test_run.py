@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mpirun import mpiexec
 
-from stemdl.harness.compliance import check_log
+from checks import check_log
 from stemdl.cli import main
 
 
@@ -34,12 +34,25 @@ def test_single_process_smoke_run_is_compliant_and_aborted(tiny_data, tmp_path, 
     assert run_stop_status(result["log"]) == "aborted", "the smoke budget cannot reach F1 0.9"
     assert result["metrics"]["status"] == "aborted" and result["metrics"]["epochs"] == 2
     out = capsys.readouterr().out
-    assert "time to F1" in out and "NOT reached" in out and "1 node(s)" in out
+    assert "stemdl: macro F1 0.9 NOT reached in 2 epochs" in out and "1 node(s)" in out
     assert f"compliance check of {result['log']}: PASSED" in out
 
 
-def test_reaching_the_target_stops_the_run_with_success(tiny_data, tmp_path):
+def test_a_closed_run_that_never_reaches_the_target_says_so_and_fails(tiny_data, tmp_path, capsys):
+    log_dir = tmp_path / "runs"
+    args = ["run", "--config", "smoke", "--data", str(tiny_data), "--log-dir", str(log_dir)]
+    assert main([*args, "--set", "submission_division=closed"]) == 1
+    out = capsys.readouterr().out
+    assert "compliance check of" in out and "FAILED: the target was never reached: a closed stemdl log needs " \
+        "an evaluation with eval_accuracy (macro F1) >= 0.9; the best of 2 evaluation(s) was" in out
+    assert "did not converge" in out
+    ok, messages = check_log(log_dir / "result_0.txt")
+    assert not ok and len(messages) == 1 and messages[0].startswith("the target was never reached")
+
+
+def test_reaching_the_target_stops_the_run_with_success(tiny_data, tmp_path, capsys):
     result = run_smoke(tiny_data, tmp_path / "runs", "--target", "0.01", "--epochs", "5")
+    assert "stemdl: time to macro F1 0.01: " in capsys.readouterr().out
     assert run_stop_status(result["log"]) == "success"
     assert result["metrics"]["epochs"] == 1, "stops at the first evaluation that reaches the target"
     assert '"key": "submission_division", "value": "open"' in result["log"].read_text(), \
@@ -79,7 +92,7 @@ def test_two_mpi_ranks_write_one_compliant_log(tiny_data, tmp_path):
     assert ok, messages
     text = logs[0].read_text()
     assert '"key": "global_batch_size", "value": 4' in text, "2 ranks x batch 2"
-    assert proc.stdout.count("time to F1") == 1, "one summary line, from rank 0"
+    assert proc.stdout.count("stemdl: macro F1 0.9 NOT reached") == 1, "one summary line, from rank 0"
     metrics = json.loads(logs[0].with_suffix(".metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["number_of_nodes"] == 1
 

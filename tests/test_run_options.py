@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mpirun import MPI_ENV, mpiexec
 
-from stemdl.harness.compliance import check_log
+from checks import check_log
 from stemdl.cli import main
 
 
@@ -56,7 +56,7 @@ def test_resume_refuses_another_config_or_a_foreign_file(tiny_data, tmp_path, ca
     run(tiny_data, tmp_path / "a", "--set", f"checkpoint_dir={ckpt}", "--set", "checkpoint_every=1")
     assert main(["run", "--config", "smoke", "--data", str(tiny_data), "--log-dir", str(tmp_path / "b"),
                  "--seed", "7", "--resume", str(ckpt)]) == 2
-    assert "config key 'seed' is 0 in the checkpoint but 7 now" in capsys.readouterr().err
+    assert "config key 'harness.seed' is 0 in the checkpoint but 7 now" in capsys.readouterr().err
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert main(["run", "--config", "smoke", "--data", str(tiny_data), "--log-dir", str(tmp_path / "b"),
                  "--resume", str(tmp_path / "junk.pt")]) == 2

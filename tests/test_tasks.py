@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from stemdl.workloads.spacegroup import heads as T
 from stemdl.workloads.spacegroup.data.index import load_or_build
 from stemdl.harness.errors import DataError, StemdlError
+from stemdl.harness.loop import average_loss_gradients
 from stemdl.workloads.spacegroup.models import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:Set OLD_ERROR_HANDLING:DeprecationWarning")
@@ -143,17 +144,18 @@ def test_fixed_weights_are_a_weighted_hand_sum():
 
     weights = T.parse_task_weights("lattice=0.5,centring=0.25", tuple(T.TASKS))
     loss = T.TaskLoss(tuple(T.TASKS), "fixed", weights, lattice=scale, classification_loss=focal_like)
-    total, parts = loss(outputs, targets, epoch=3)
+    total = loss(outputs, targets, epoch=3)
+    parts = dict(zip(loss.tasks, (float(v.detach()) for v in loss.task_losses(outputs, targets, epoch=3))))
     mean, std = scale.tensors()
     hand = {"space_group": 2 * F.cross_entropy(outputs["space_group"], targets["space_group"]),
             "lattice": F.smooth_l1_loss(outputs["lattice"], (T.lattice_transform(lattice) - mean) / std),
             "crystal_system": F.cross_entropy(outputs["crystal_system"], targets["crystal_system"]),
             "centring": F.cross_entropy(outputs["centring"], targets["centring"])}
-    assert seen == [3] and list(parts) == list(T.TASKS)
+    assert seen == [3, 3] and list(parts) == list(T.TASKS)
     assert parts == pytest.approx({k: float(v) for k, v in hand.items()}, rel=1e-6)
     expected = hand["space_group"] + 0.5 * hand["lattice"] + hand["crystal_system"] + 0.25 * hand["centring"]
     torch.testing.assert_close(total, expected)
-    assert loss.effective_weights() == weights and list(loss.parameters()) == []
+    assert list(loss.parameters()) == []
 
 
 def test_learned_weighting_equals_the_formula_and_learns_its_log_variances():
@@ -163,13 +165,12 @@ def test_learned_weighting_equals_the_formula_and_learns_its_log_variances():
     loss = T.TaskLoss(tasks, "learned")
     with torch.no_grad():
         loss.log_vars.copy_(torch.tensor([0.5, -1.0, 0.0]))
-    total, parts = loss(outputs, targets)
-    losses = torch.tensor([parts[n] for n in tasks])
+    total = loss(outputs, targets)
+    losses = torch.stack(loss.task_losses(outputs, targets)).detach()
     s = torch.tensor([0.5, -1.0, 0.0])
     torch.testing.assert_close(total.detach(), (torch.exp(-s) * losses + s).sum())
     total.backward()
     torch.testing.assert_close(loss.log_vars.grad, 1 - torch.exp(-s) * losses)  # d/ds (e^-s L + s)
-    assert loss.effective_weights() == pytest.approx(dict(zip(tasks, torch.exp(-s).tolist())))
     assert T.TaskLoss(tasks, "learned").log_vars.tolist() == [0.0, 0.0, 0.0]
 
 
@@ -198,17 +199,24 @@ def test_lattice_scale_standardizes_and_decodes():
         T.LatticeScale.from_lattices(np.zeros((0, 6)))
 
 
-def test_lattice_scale_of_an_index_names_a_sample_that_is_no_cell(tmp_path, copy_fixture):
+def _split(index, rows):
+    from stemdl.workloads.spacegroup.data.source import RawSplit
+    from stemdl.workloads.spacegroup.preprocess import Preprocess
+
+    return RawSplit(index, rows, Preprocess(8))
+
+
+def test_lattice_scale_of_a_split_names_a_sample_that_is_no_cell(tmp_path, copy_fixture):
     root = copy_fixture(tmp_path / "data")
     index = load_or_build(root, workers=1, quiet=True, cache_dir=tmp_path / "cache")
-    scale = T.lattice_scale(index, index.select("train"))
+    scale = T.lattice_scale(_split(index, index.select("train")))
     assert scale == T.LatticeScale.from_lattices(index.targets([0, 1]))
     with h5py.File(root / "dev" / "batch_dev_0.h5", "r+") as h5:
         h5["sample_0_0"].attrs["abc_angstrom"] = np.array([7.0, -1.0, 7.0])
     index = load_or_build(root, workers=1, quiet=True, cache_dir=tmp_path / "cache")
     where = f"{root.resolve() / 'dev' / 'batch_dev_0.h5'}:sample_0_0"
     with pytest.raises(DataError, match=f"^{where}: lattice \\(7, -1, 7, 90, 90, 90\\) is not a cell"):
-        T.lattice_scale(index, np.arange(3))
+        T.lattice_scale(_split(index, np.arange(3)))
 
 
 def test_regression_errors_are_in_angstrom_and_degrees():
@@ -269,7 +277,7 @@ def _rank_main(rank, store_path, out_path):
     metrics.update({k: v[mine] for k, v in outputs.items()}, {k: v[mine] for k, v in targets.items()})
     loss = T.TaskLoss(("space_group", "centring"), "learned")
     loss.log_vars.grad = torch.tensor([1.0, 2.0]) * (rank + 1)
-    loss.average_gradients()
+    average_loss_gradients(loss, 2)  # the harness's, for any loss that learns
     torch.save({"results": metrics.all_reduce().results(), "grad": loss.log_vars.grad}, f"{out_path}.{rank}")
     dist.destroy_process_group()
 
@@ -289,9 +297,9 @@ def test_two_ranks_sum_metrics_and_average_log_variance_gradients(tmp_path, monk
 def test_single_process_reductions_are_noops():
     loss = T.TaskLoss(("space_group", "centring"), "learned")
     loss.log_vars.grad = torch.tensor([1.0, 2.0])
-    loss.average_gradients()
+    average_loss_gradients(loss, 1)
     assert loss.log_vars.grad.tolist() == [1.0, 2.0]
-    T.TaskLoss(("space_group",)).average_gradients()  # fixed weights: nothing to average
+    average_loss_gradients(T.TaskLoss(("space_group",)), 2)  # fixed weights: nothing to average
 
 
 @pytest.fixture
@@ -316,7 +324,9 @@ def test_thirty_steps_of_small_cnn_with_all_heads_reduce_the_loss(one_thread):
     target = T.targets(y, lattice)
     history = []
     for _ in range(30):
-        total, parts = loss_fn(model(x), target)
+        outputs = model(x)
+        total = loss_fn(outputs, target)
+        parts = dict(zip(loss_fn.tasks, (float(v.detach()) for v in loss_fn.task_losses(outputs, target))))
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()

@@ -1,6 +1,6 @@
 """The `stemdl` command: one subcommand per concern, each owned by its module.
 
-    stemdl run [--config default|smoke|reference]  # the timed benchmark (mpiexec/srun/jsrun for many ranks)
+    stemdl run [--benchmark NAME] [--config PRESET]  # the timed benchmark (mpiexec/srun/jsrun for many ranks)
     stemdl check LOG                            # MLPerf compliance check of a run's log
     stemdl summarize ORG                        # time to F1 per scale, efficiency, plots
     stemdl sysinfo --org ORG --system NAME      # the MLPerf system description of this machine
@@ -25,11 +25,15 @@ import sys
 from stemdl import __version__
 from stemdl.harness.errors import StemdlError
 
-# name -> (module, one-line help)
-COMMANDS = {
-    "run": ("stemdl.harness.loop", "the timed benchmark: train to the target macro F1, writing an MLLOG"),
+# name -> (module, one-line help). The harness's commands serve every registered benchmark (their
+# `run(args, registry)` is handed the registry); the others are the space-group workload's own.
+HARNESS_COMMANDS = {
+    "run": ("stemdl.harness.runner", "the timed benchmark: train to the target, writing an MLLOG"),
     "check": ("stemdl.harness.compliance", "run the MLPerf compliance checker on stemdl logs with our rule files"),
     "summarize": ("stemdl.harness.summarize", "scaling tables and plots (md, csv, json, png) from a submission's logs"),
+}
+COMMANDS = {
+    **HARNESS_COMMANDS,
     "sysinfo": ("stemdl.harness.sysinfo", "write ORG/systems/NAME.json, the MLPerf HPC system description of this machine"),
     "synth": ("stemdl.workloads.spacegroup.synth.generate", "generate a synthetic data set in the public STEMDL layout"),
     "validate": ("stemdl.workloads.spacegroup.data.validate", "check every sample of a data directory and summarize it"),
@@ -62,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     module.configure(sub)
     args = sub.parse_args(argv[1:])
     try:
+        if known.command in HARNESS_COMMANDS:
+            from stemdl.workloads import REGISTRY
+
+            return int(module.run(args, REGISTRY) or 0)
         return int(module.run(args) or 0)
     except StemdlError as exc:
         print(f"stemdl {known.command}: error: {exc}", file=sys.stderr)

@@ -23,19 +23,17 @@ from pathlib import Path
 
 import torch
 
+from stemdl.harness import files
+from stemdl.harness.config import DELIVERY_KEYS
 from stemdl.harness.errors import StemdlError
 
 FORMAT = "stemdl-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the config in sections (harness, workload), the loss's state
 _NAME = re.compile(r"epoch_(\d{4,})\.pt\Z")
 
 # Config keys that may differ between a checkpoint and the run resuming it: where things go and how data
 # is delivered, none of which changes the training trajectory. Every other key must match.
-FREE_KEYS = frozenset({
-    "log_dir", "checkpoint_dir", "checkpoint_every", "checkpoint_keep", "pipeline", "loader_workers",
-    "stage_dir", "keep_staged", "verify_shards", "submission_org", "submission_division", "submission_status",
-    "submission_platform", "synth_preset",
-})
+FREE_KEYS = frozenset(f"harness.{key}" for key in DELIVERY_KEYS)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -47,22 +45,17 @@ def path_for(folder: Path, epoch: int) -> Path:
     return Path(folder) / f"epoch_{epoch:04d}.pt"
 
 
-def save(folder: Path, epoch: int, *, model, optimizer, scheduler, history: list, config: dict,
-         world_size: int, keep: int = 2, extra: dict | None = None) -> Path:
-    """Write folder/epoch_NNNN.pt atomically and remove all but the newest `keep` checkpoints; `extra`
-    holds more state to restore (the loss's learned parameters)."""
+def save(folder: Path, epoch: int, *, model, optimizer, scheduler, loss, history: list, cfg,
+         world_size: int, keep: int = 2) -> Path:
+    """Write folder/epoch_NNNN.pt atomically and remove all but the newest `keep` checkpoints."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {"format": FORMAT, "version": VERSION, "epoch": epoch, "history": history, "config": config,
+    state = {"format": FORMAT, "version": VERSION, "epoch": epoch, "history": history, "config": cfg.flat(),
              "world_size": world_size, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **(extra or {})}
+             "scheduler": scheduler.state_dict(), "loss": loss.state_dict(), "torch_rng": torch.get_rng_state()}
     final = path_for(folder, epoch)
-    tmp = final.with_name(f".{final.name}.partial")
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
+    with files.atomic_path(final, durable=True) as tmp:
+        torch.save(state, tmp)
     for old in checkpoints(folder)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return final
@@ -87,7 +80,7 @@ def resolve(where: str | os.PathLike) -> Path:
     raise StemdlError(f"--resume {where}: no such file or folder")
 
 
-def load(path: Path, config: dict, world_size: int) -> dict:
+def load(path: Path, cfg, world_size: int) -> dict:
     """The checkpoint's state, after checking it belongs to this run: same config (but FREE_KEYS) and
     the same number of ranks (the shards, hence the data order, depend on it)."""
     try:
@@ -95,7 +88,9 @@ def load(path: Path, config: dict, world_size: int) -> dict:
     except Exception as exc:  # a truncated or foreign file: torch raises several kinds
         raise StemdlError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("version") != VERSION:
-        raise StemdlError(f"{path}: not a stemdl checkpoint of version {VERSION}")
+        raise StemdlError(f"{path}: not a stemdl checkpoint of version {VERSION} (an older stemdl's cannot be "
+                          f"resumed: start the run again)")
+    config = cfg.flat()
     differ = sorted(k for k in set(config) | set(state["config"])
                     if k not in FREE_KEYS and config.get(k) != state["config"].get(k))
     if differ:
@@ -108,8 +103,9 @@ def load(path: Path, config: dict, world_size: int) -> dict:
     return state
 
 
-def restore(state: dict, *, model, optimizer, scheduler) -> None:
+def restore(state: dict, *, model, optimizer, scheduler, loss) -> None:
     unwrap(model).load_state_dict(state["model"])
+    loss.load_state_dict(state["loss"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])

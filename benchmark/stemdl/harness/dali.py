@@ -57,7 +57,6 @@ import numpy as np
 import torch
 
 from stemdl.harness.errors import StemdlError
-from stemdl.workloads.spacegroup.preprocess import NORM_MEAN, NORM_STD
 
 INSTALL_HINT = ("pipeline 'dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
                 "(or the -cuda120 wheel matching your CUDA)")
@@ -132,11 +131,16 @@ class DaliBatches:
     """Batches of a split in a given order, read by a DALI external_source (and normalized by DALI on a GPU)."""
 
     def __init__(self, split, batch_size: int, device_id: int | None, num_threads: int = 2,
-                 prefetch: int = 2, seed: int = 0, normalize: bool | None = None, group: int | None = None):
+                 prefetch: int = 2, seed: int = 0, normalize: bool | None = None, group: int | None = None,
+                 normalization: tuple[float, float] | None = None):
         self._dali = _import_dali()
         dtype = np.dtype(split.dtype)
         if dtype.name not in IMAGE_DTYPES:
             raise StemdlError(f"pipeline 'dali': images are {dtype.name}, need one of {', '.join(IMAGE_DTYPES)}")
+        if len(split.image_shape) != 3:
+            raise StemdlError(f"pipeline 'dali': inputs of shape {tuple(split.image_shape)} are not (C, H, W) images")
+        if normalize and normalization is None:
+            raise StemdlError("pipeline 'dali': normalizing needs the workload's (mean, std) of x / 255")
         if min(batch_size, num_threads, prefetch, 1 if group is None else group) < 1:
             raise StemdlError(f"pipeline 'dali': batch_size ({batch_size}), num_threads ({num_threads}), "
                               f"prefetch ({prefetch}) and group ({group}) must be 1 or more")
@@ -146,9 +150,12 @@ class DaliBatches:
         self.split, self.batch_size, self.device_id = split, batch_size, device_id
         self._settings = {"num_threads": num_threads, "prefetch_queue_depth": prefetch, "seed": seed}
         self._image_type = dtype.name
-        # False: x holds the stored values and the step normalizes. None: DALI normalizes on a GPU only (True
-        # on the CPU runs the GPU path's normalization on DALI's CPU ops, which is how the tests check it).
-        self.normalized = device_id is not None if normalize is None else bool(normalize)
+        # False: x holds the stored values and the step normalizes. None: DALI normalizes on a GPU only, if the
+        # workload gave its normalization (True on the CPU runs the GPU path's normalization on DALI's CPU ops,
+        # which is how the tests check it). normalization: (mean, std) of x / 255.
+        self.normalization = normalization
+        wanted = device_id is not None if normalize is None else bool(normalize)
+        self.normalized = wanted and normalization is not None
         self._device = None if device_id is None else torch.device("cuda", device_id)
         self.group = group
         self.read_ahead = prefetch * group  # batches read before an epoch's first is handed over
@@ -168,9 +175,10 @@ class DaliBatches:
             if self.device_id is not None:
                 x = x.gpu()
             if self.normalized:
-                # (u - 255 m) / (255 s) = (u / 255 - m) / s: stemdl.workloads.spacegroup.preprocess.normalize, in one DALI kernel.
+                # (u - 255 m) / (255 s) = (u / 255 - m) / s: the workload's normalization, in one DALI kernel.
+                mean, std = self.normalization
                 x = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="FCHW",
-                                             mean=NORM_MEAN * 255.0, std=NORM_STD * 255.0)
+                                             mean=mean * 255.0, std=std * 255.0)
             pipe.set_outputs(x)
         pipe.build()
         # The end of an epoch is the source's StopIteration (size -1), never a count; nothing runs until the
@@ -182,8 +190,8 @@ class DaliBatches:
         self._broken = False
 
     def epoch(self, order: np.ndarray, mask: np.ndarray | None = None):
-        """Iterate batches of `order` (len a multiple of batch_size) in order: (x, y, t) torch tensors, plus
-        mask (bool (B,)) as a 4th item when mask is given (evaluation). Abandoning the iteration is safe:
+        """Iterate batches of `order` (len a multiple of batch_size) in order: (x, fields) torch tensors, plus
+        mask (bool (B,)) as a 3rd item when mask is given (evaluation). Abandoning the iteration is safe:
         the next epoch() starts cleanly. Only the iterator of the latest epoch() may be used."""
         order = np.asarray(order, dtype=np.int64)
         if len(order) % self.batch_size:
@@ -234,9 +242,9 @@ class DaliBatches:
                 if generation != self._generation:
                     raise RuntimeError("DaliBatches: an epoch iterator was used after a newer epoch() started")
                 rows = order[k * b:(k + 1) * b]
-                y, t = torch.from_numpy(self.split.labels[rows]), torch.from_numpy(self.split.targets[rows])
+                fields = tuple(torch.from_numpy(values[rows]) for values in self.split.fields.values())
                 if self._device is not None:
-                    y, t = y.to(self._device, non_blocking=True), t.to(self._device, non_blocking=True)
-                batch = (x, y, t)
+                    fields = tuple(f.to(self._device, non_blocking=True) for f in fields)
+                batch = (x, fields)
                 yield batch if mask is None else batch + (mask[k * b:(k + 1) * b],)
                 k += 1

@@ -147,12 +147,6 @@ def allgather_object(obj) -> list:
     return _comm.allgather(obj) if _comm is not None else [obj]
 
 
-def node_ranks() -> list[int]:
-    """The world ranks on this node, in order (launchers do not always place them consecutively)."""
-    _require()
-    return sorted(_node.allgather(_env.rank)) if _node is not None else [_env.rank]
-
-
 def on_root(fn, *args, root: int = 0):
     """fn(*args) run on rank `root` only; its result, or the StemdlError it raised (with its type: a bad
     sample stays a DataError), reaches every rank. A bug (any other exception) on the root ends every rank
@@ -178,17 +172,27 @@ def on_root(fn, *args, root: int = 0):
     return outcome[1]
 
 
-def all_reduce_sum(tensor):
-    """Sum `tensor` over all ranks in place and return it. Under NCCL a CPU tensor goes through this
-    rank's GPU and the sum is copied back into it."""
-    _require()
+def process_group_ready() -> bool:
+    """True once a torch.distributed process group is up (without importing torch when nothing has)."""
+    if "torch.distributed" not in sys.modules:
+        return False
     import torch.distributed as tdist
-    if _env.backend == "nccl" and tensor.device.type != "cuda":
-        on_device = tensor.to(_env.device)
-        tdist.all_reduce(on_device, op=tdist.ReduceOp.SUM)
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def all_reduce_sum(tensor, group=None):
+    """Sum `tensor` over the ranks of `group` in place and return it; a no-op without a process group.
+    Under NCCL a CPU tensor goes through this rank's GPU and the sum is copied back into it."""
+    if not process_group_ready():
+        return tensor
+    import torch.distributed as tdist
+    if tdist.get_backend(group) == "nccl" and tensor.device.type != "cuda":
+        import torch
+        on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        tdist.all_reduce(on_device, op=tdist.ReduceOp.SUM, group=group)
         tensor.copy_(on_device)
     else:
-        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM, group=group)
     return tensor
 
 

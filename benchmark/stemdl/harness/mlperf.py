@@ -1,16 +1,15 @@
 """The MLPerf compliance log: the only module that talks to `mllog`.
 
     log = mlperf.MLLogger(run_dir / "mllog.txt", rank=env.rank)   # only rank 0 writes; other ranks: no-ops
-    log.submission_info(cfg.submission_org, cfg.submission_division, cfg.submission_status,
-                        cfg.submission_platform)
+    log.submission_info(workload.name, org, division, status, platform)
     log.cache_clear()
     log.start(mlperf.INIT_START)
-    log.log_params({mlperf.GLOBAL_BATCH_SIZE: 256, mlperf.SEED: 0, mlperf.TARGET_EVAL_ACCURACY: 0.9, ...})
+    log.log_params({mlperf.GLOBAL_BATCH_SIZE: 256, mlperf.SEED: 0, workload.target_key: 0.9, ...})
     log.end(mlperf.INIT_STOP)
     log.start(mlperf.RUN_START)
     log.start(mlperf.EPOCH_START, metadata={mlperf.EPOCH_NUM: 1})
     ...
-    log.log_eval(epoch=1, macro_f1=0.42, weighted_f1=0.47, top1=0.51)
+    log.log_eval(1, {"eval_accuracy": 0.42, "eval_weighted_f1": 0.47})   # the workload's eval keys
     log.run_stop(mlperf.SUCCESS)
 
 Three verbs (`start`, `end`, `event`) write one `:::MLLOG {...}` line each; the other methods are shorthands
@@ -35,7 +34,7 @@ from mlperf_logging.mllog import mllog as _mllog
 
 # The keys and values stemdl logs that mllog.constants has, re-exported: the harness writes mlperf.RUN_START.
 from mlperf_logging.mllog.constants import (  # noqa: F401
-    ABORTED, ADAMW, CACHE_CLEAR, CLOSED, CLOUD, EPOCH_NUM, EPOCH_START, EPOCH_STOP, EVAL_ACCURACY, EVAL_SAMPLES,
+    ABORTED, ADAMW, CACHE_CLEAR, CLOSED, CLOUD, EPOCH_NUM, EPOCH_START, EPOCH_STOP, EVAL_SAMPLES,
     EVAL_START, EVAL_STOP, GLOBAL_BATCH_SIZE, INIT_START, INIT_STOP, ONPREM, OPEN, OPT_BASE_LR,
     OPT_LR_DECAY_SCHEDULE, OPT_LR_WARMUP_EPOCHS, OPT_NAME, OPT_WEIGHT_DECAY, RESEARCH, RUN_START, RUN_STOP, SEED,
     STAGING_START, STAGING_STOP, STATUS, SUBMISSION_BENCHMARK, SUBMISSION_DIVISION, SUBMISSION_ORG,
@@ -46,13 +45,9 @@ from stemdl.harness.errors import StemdlError
 
 # -- Keys and values that mllog.constants lacks (MLPerf HPC ones and stemdl's own). If mllog ever adds one
 #    of these names, tests/test_mlperf.py checks that it means the same string.
-STEMDL = "stemdl"  # submission_benchmark
 PREVIEW = "preview"  # a submission_status of MLPerf HPC
 NUMBER_OF_NODES = "number_of_nodes"
 ACCELERATORS_PER_NODE = "accelerators_per_node"
-TARGET_EVAL_ACCURACY = "target_eval_accuracy"  # the macro F1 a successful run reaches (eval_accuracy)
-EVAL_WEIGHTED_F1 = "eval_weighted_f1"
-EVAL_TOP1_ACCURACY = "eval_top1_accuracy"
 GPU_ENERGY = "gpu_energy"  # joules used by the GPUs between run_start and run_stop (NVML)
 BAD_SAMPLES_SKIPPED = "bad_samples_skipped"  # samples left out by --skip-bad
 RESUMED_FROM_CHECKPOINT = "resumed_from_checkpoint"  # a resumed run: never a compliant timed run
@@ -115,12 +110,13 @@ class MLLogger:
         self._emit("event", key, value, metadata)
 
     # -- shorthands for the run (each writes through _emit directly, so the call site stays the caller's)
-    def submission_info(self, org: str | None = None, division: str | None = None,
+    def submission_info(self, benchmark: str, org: str | None = None, division: str | None = None,
                         status: str | None = None, platform: str | None = None) -> None:
-        """The four submission keys and submission_benchmark. An argument that is None or "" falls back
-        to $STEMDL_SUBMISSION_ORG (DIVISION, STATUS, PLATFORM), then to stemdl, closed, onprem, the host name."""
+        """submission_benchmark (the workload's name) and the four submission keys. An argument that is
+        None or "" falls back to $STEMDL_SUBMISSION_ORG (DIVISION, STATUS, PLATFORM), then to stemdl,
+        closed, onprem, the host name."""
         values = {
-            SUBMISSION_BENCHMARK: STEMDL,
+            SUBMISSION_BENCHMARK: benchmark,
             SUBMISSION_ORG: _pick(org, "ORG", "stemdl"),
             SUBMISSION_DIVISION: _pick(division, "DIVISION", CLOSED),
             SUBMISSION_STATUS: _pick(status, "STATUS", ONPREM),
@@ -141,12 +137,11 @@ class MLLogger:
         for key, value in params.items():
             self._emit("event", key, value)
 
-    def log_eval(self, epoch: int, macro_f1: float, weighted_f1: float, top1: float) -> None:
-        """eval_accuracy (the macro F1, the target metric), then the weighted F1 and the top-1 accuracy."""
+    def log_eval(self, epoch: int, values: Mapping[str, float]) -> None:
+        """One event per eval key (the workload's, its target metric's first), with the epoch number."""
         meta = {EPOCH_NUM: epoch}
-        self._emit("event", EVAL_ACCURACY, float(macro_f1), meta)
-        self._emit("event", EVAL_WEIGHTED_F1, float(weighted_f1), meta)
-        self._emit("event", EVAL_TOP1_ACCURACY, float(top1), meta)
+        for key, value in values.items():
+            self._emit("event", key, float(value), meta)
 
     def run_stop(self, status: str) -> None:
         if status not in RUN_STATUSES:

@@ -298,6 +298,7 @@ class ShardSplit:
         self.labels = raw.astype(np.int64) - 1  # class index, as every pipeline uses
         self.targets = np.concatenate(targets).astype(np.float32) if targets else np.zeros((0, N_TARGETS), np.float32)
         self._names = np.concatenate(names) if names else np.zeros(0, "S1")
+        self.fields = {"labels": self.labels, "targets": self.targets}
         self._forget_maps()
 
     def _forget_maps(self) -> None:

@@ -1,21 +1,24 @@
 """The result summarizer: strong- and weak-scaling tables and plots from a submission's MLPerf logs.
 
-    stemdl summarize MyOrg                     # MyOrg/results/<system>/{strong,weak}/stemdl/result_<i>.txt
+    stemdl summarize MyOrg                     # MyOrg/results/<system>/{strong,weak}/<benchmark>/result_<i>.txt
     stemdl summarize runs/ --out /tmp/sum      # or a plain folder of result_<i>.txt (strong scaling)
     stemdl summarize MyOrg --division open     # check every log against the open rules
 
-Every log is checked first (`stemdl.harness.compliance.check_log`); one that fails is listed with its first reason and
-left out. Strong scaling: the runs of one (system, number_of_nodes, world size) form a scale; its score is
-the MLPerf HPC olympic mean of the time to train (run_stop - run_start): with 5 runs or more the fastest and
-the slowest are dropped and the rest averaged, a run that did not converge counts as infinitely slow, so at
-most one may fail and it is the one dropped; otherwise the scale is INVALID. Fewer than 5 runs give the plain
-mean, flagged. Speedup and parallel efficiency are against the smallest scale, counted in ranks (world size):
-with the same ranks per node everywhere this is nodes / smallest nodes, and it also tells a 1-rank from a
-2-rank run on one node. Weak scaling: the M runs under one system's weak/ folder are one group; its time is
-max(run_stop) - min(run_start) and its throughput the samples all M models trained over that time.
+Any registered benchmark: each log names its own (submission_benchmark), and the workload gives the eval
+key, the target metric's name and its direction. Every log is checked first (`check_log`); one that fails
+is listed with its first reason and left out, except a closed log whose only fault is that it never
+reached the target: that is a run that did not converge, and it counts as one.
 
-Writes OUT/summary.md, summary.csv, summary.json and three PNGs (time to F1, parallel efficiency, epochs to
-target against ranks), each through a temporary file and os.replace, and prints the Markdown to stdout.
+Strong scaling: the runs of one (benchmark, system, number_of_nodes, world size) form a scale; its score
+is the MLPerf HPC olympic mean of the time to train (run_stop - run_start): with 5 runs or more the fastest
+and the slowest are dropped and the rest averaged, a run that did not converge counts as infinitely slow,
+so at most one may fail and it is the one dropped; otherwise the scale is INVALID. Fewer than 5 runs give
+the plain mean, flagged. Speedup and parallel efficiency are against the smallest scale of the benchmark,
+counted in ranks (world size). Weak scaling: the M runs under one system's weak/ folder are one group; its
+time is max(run_stop) - min(run_start) and its throughput the samples all M models trained over that time.
+
+Writes OUT/summary.md, summary.csv, summary.json and three PNGs (time to target, parallel efficiency,
+epochs to target against ranks), each atomically, and prints the Markdown to stdout.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import statistics
 from dataclasses import asdict, dataclass, field, fields
@@ -33,9 +35,10 @@ from pathlib import Path
 
 from mlperf_logging.compliance_checker import mlp_parser
 
-from stemdl.harness import mlperf
-from stemdl.harness.compliance import RULESET, check_log
+from stemdl.harness import files, mlperf
+from stemdl.harness.compliance import check_log
 from stemdl.harness.errors import StemdlError
+from stemdl.harness.rules import RULESET
 
 MIN_RUNS = 5  # MLPerf HPC strong scaling: at least 5 runs, the fastest and the slowest dropped
 SCALINGS = ("strong", "weak")
@@ -46,6 +49,7 @@ _RESULT = re.compile(r"result_(\d+)\.txt")
 class Run:
     """What the summary needs from one log that passed the compliance check. Times in ms since the epoch."""
     path: str
+    benchmark: str
     system: str
     scaling: str
     number_of_nodes: int
@@ -55,7 +59,8 @@ class Run:
     run_stop_ms: float
     status: str
     epochs: int
-    eval_accuracy: float | None
+    final_metric: float | None  # the target metric's last logged value
+    best_metric: float | None  # its best, by the benchmark's direction
     train_samples: int
     energy_j: float | None
 
@@ -82,26 +87,29 @@ class Score:
 
 @dataclass
 class StrongRow:
+    benchmark: str
     system: str
     number_of_nodes: int
     world_size: int
     runs: int
     converged: int
-    time_to_f1_s: float | None
+    time_to_target_s: float | None
     valid: bool
     note: str
     min_s: float | None
     median_s: float | None
     max_s: float | None
     epochs_to_target: float | None
+    best_metric: float | None  # the best value any run of the scale reached
     samples_per_s: float | None
-    energy_to_f1_j: float | None
+    energy_to_target_j: float | None
     speedup: float | None = None
     efficiency: float | None = None
 
 
 @dataclass
 class WeakRow:
+    benchmark: str
     system: str
     models: int
     number_of_nodes: int  # per model (the scale S); the largest if the models differ
@@ -119,6 +127,7 @@ class Summary:
     weak: list[WeakRow] = field(default_factory=list)
     excluded: list[dict] = field(default_factory=list)  # {"path", "reason"}
     runs: list[Run] = field(default_factory=list)
+    titles: dict = field(default_factory=dict)  # benchmark -> its target metric as people write it
 
 
 # -- finding and reading the logs
@@ -127,18 +136,18 @@ def find_logs(org: Path) -> list[tuple[Path, str, str]]:
     """(log, system, scaling) for every result_<i>.txt of the submission layout, or of a plain folder."""
     org = Path(org)
     if not org.is_dir():
-        raise StemdlError(f"{org}: no such folder (want ORG/results/<system>/strong/stemdl/result_<i>.txt)")
+        raise StemdlError(f"{org}: no such folder (want ORG/results/<system>/strong/<benchmark>/result_<i>.txt)")
     found = [(p, p.parents[2].name, scaling)
-             for scaling in SCALINGS for p in org.glob(f"results/*/{scaling}/stemdl/result_*.txt")]
+             for scaling in SCALINGS for p in org.glob(f"results/*/{scaling}/*/result_*.txt")]
     if not found:  # a plain folder of logs: one system, strong scaling
         found = [(p, org.resolve().name, "strong") for p in org.glob("result_*.txt")]
     found = [f for f in found if _RESULT.fullmatch(f[0].name)]
     if not found:
-        raise StemdlError(f"{org}: no result_<i>.txt under results/*/strong|weak/stemdl/ nor in the folder")
-    return sorted(found, key=lambda f: (f[2], f[1], int(_RESULT.fullmatch(f[0].name).group(1))))
+        raise StemdlError(f"{org}: no result_<i>.txt under results/*/strong|weak/<benchmark>/ nor in the folder")
+    return sorted(found, key=lambda f: (f[2], f[1], str(f[0].parent), int(_RESULT.fullmatch(f[0].name).group(1))))
 
 
-def read_run(path: Path, system: str, scaling: str) -> Run:
+def read_run(path: Path, system: str, scaling: str, workload) -> Run:
     """The figures of one log that passed the check (so every key the rules require is there)."""
     loglines, _ = mlp_parser.parse_file(str(path), ruleset=RULESET)
     last = {ll.key: ll for ll in loglines}  # the last line of each key
@@ -147,16 +156,23 @@ def read_run(path: Path, system: str, scaling: str) -> Run:
         return last[key].value["value"] if key in last else default
 
     epochs = [ll.value["metadata"].get(mlperf.EPOCH_NUM) for ll in loglines if ll.key == mlperf.EPOCH_STOP]
+    evals = [ll.value["value"] for ll in loglines if ll.key == workload.eval_key]
     nodes = int(value(mlperf.NUMBER_OF_NODES, 1))
     accelerators = int(value(mlperf.ACCELERATORS_PER_NODE, 0))
     return Run(
-        path=str(path), system=system, scaling=scaling, number_of_nodes=nodes,
+        path=str(path), benchmark=workload.name, system=system, scaling=scaling, number_of_nodes=nodes,
         accelerators_per_node=accelerators, world_size=_world_size(path, nodes, accelerators),
         run_start_ms=last[mlperf.RUN_START].timestamp, run_stop_ms=last[mlperf.RUN_STOP].timestamp,
         status=last[mlperf.RUN_STOP].value["metadata"].get(mlperf.STATUS, ""),
-        epochs=int(max(epochs, default=0) or 0), eval_accuracy=value(mlperf.EVAL_ACCURACY),
-        train_samples=int(value(mlperf.TRAIN_SAMPLES, 0)), energy_j=_energy(loglines),
+        epochs=int(max(epochs, default=0) or 0), final_metric=evals[-1] if evals else None,
+        best_metric=_best(evals, workload.direction), train_samples=int(value(mlperf.TRAIN_SAMPLES, 0)),
+        energy_j=_energy(loglines),
     )
+
+
+def _best(values: list, direction: str):
+    values = [v for v in values if v is not None]
+    return (max if direction == "max" else min)(values) if values else None
 
 
 def _world_size(log: Path, nodes: int, accelerators: int) -> int:
@@ -182,17 +198,19 @@ def _energy(loglines) -> float | None:
     return sum(per_node.values()) if per_node else None
 
 
-def collect(org: Path, division: str | None = None) -> tuple[list[Run], list[dict]]:
-    """(runs that passed the check, [{"path", "reason"}] of those that did not)."""
-    runs, excluded = [], []
+def collect(org: Path, registry, division: str | None = None) -> tuple[list[Run], list[dict], dict]:
+    """(runs that count, [{"path", "reason"}] of those that do not, {benchmark: direction}). A closed log
+    whose one fault is that it never reached the target counts, as a run that did not converge."""
+    runs, excluded, directions = [], [], {}
     for path, system, scaling in find_logs(org):
-        ok, messages = check_log(path, division)
-        if ok:
-            runs.append(read_run(path, system, scaling))
+        verdict = check_log(path, registry, division)
+        if verdict.passed or verdict.only_target_missed:
+            workload = registry[verdict.benchmark]
+            runs.append(read_run(path, system, scaling, workload))
+            directions[workload.name] = (workload.direction, workload.target_title)
         else:
-            reasons = [m for m in messages if not m.startswith("warning:")] or ["failed the compliance check"]
-            excluded.append({"path": str(path), "reason": _one_line(reasons[0])})
-    return runs, excluded
+            excluded.append({"path": str(path), "reason": _one_line(verdict.problems[0])})
+    return runs, excluded, directions
 
 
 def _one_line(message: str) -> str:
@@ -221,48 +239,53 @@ def olympic_mean(times: list[float], converged: list[bool]) -> Score:
     return Score(statistics.fmean(kept), True, f"olympic mean of {len(kept)} of {n} runs")
 
 
-def strong_rows(runs: list[Run]) -> list[StrongRow]:
+def strong_rows(runs: list[Run], directions: dict | None = None) -> list[StrongRow]:
+    """One row per scale, speedup and efficiency against each benchmark's smallest scale with a time."""
     groups: dict[tuple, list[Run]] = {}
     for r in runs:
-        groups.setdefault((r.system, r.number_of_nodes, r.world_size), []).append(r)
-    rows = [_strong_row(key, group) for key, group in groups.items()]
-    rows.sort(key=lambda r: (r.world_size, r.number_of_nodes, r.system))
-    base = next((r for r in rows if r.time_to_f1_s), None)  # the smallest scale with a time
-    for r in rows:
-        if base and r.time_to_f1_s:
-            r.speedup = base.time_to_f1_s / r.time_to_f1_s
-            r.efficiency = r.speedup / (r.world_size / base.world_size)
+        groups.setdefault((r.benchmark, r.system, r.number_of_nodes, r.world_size), []).append(r)
+    rows = [_strong_row(key, group, (directions or {}).get(key[0], ("max",))[0]) for key, group in groups.items()]
+    rows.sort(key=lambda r: (r.benchmark, r.world_size, r.number_of_nodes, r.system))
+    for benchmark in dict.fromkeys(r.benchmark for r in rows):
+        mine = [r for r in rows if r.benchmark == benchmark]
+        base = next((r for r in mine if r.time_to_target_s), None)  # the smallest scale with a time
+        for r in mine:
+            if base and r.time_to_target_s:
+                r.speedup = base.time_to_target_s / r.time_to_target_s
+                r.efficiency = r.speedup / (r.world_size / base.world_size)
     return rows
 
 
-def _strong_row(key: tuple, group: list[Run]) -> StrongRow:
+def _strong_row(key: tuple, group: list[Run], direction: str) -> StrongRow:
     score = olympic_mean([r.time_s for r in group], [r.converged for r in group])
     ok = [r for r in group if r.converged]
     times = [r.time_s for r in ok]
     energies = [r.energy_j for r in ok if r.energy_j is not None]
     speeds = [s for s in (r.samples_per_s for r in group) if s is not None]
     return StrongRow(
-        system=key[0], number_of_nodes=key[1], world_size=key[2], runs=len(group), converged=len(ok),
-        time_to_f1_s=score.time_s, valid=score.valid, note=score.note,
+        benchmark=key[0], system=key[1], number_of_nodes=key[2], world_size=key[3], runs=len(group),
+        converged=len(ok),
+        time_to_target_s=score.time_s, valid=score.valid, note=score.note,
         min_s=min(times, default=None), median_s=statistics.median(times) if times else None,
         max_s=max(times, default=None),
         epochs_to_target=statistics.fmean(r.epochs for r in ok) if ok else None,
+        best_metric=_best([r.best_metric for r in group], direction),
         samples_per_s=statistics.fmean(speeds) if speeds else None,
-        energy_to_f1_j=statistics.fmean(energies) if energies else None,
+        energy_to_target_j=statistics.fmean(energies) if energies else None,
     )
 
 
 def weak_rows(runs: list[Run]) -> list[WeakRow]:
-    groups: dict[str, list[Run]] = {}
+    groups: dict[tuple, list[Run]] = {}
     for r in runs:
-        groups.setdefault(r.system, []).append(r)
+        groups.setdefault((r.benchmark, r.system), []).append(r)
     rows = []
-    for system, group in sorted(groups.items()):
+    for (benchmark, system), group in sorted(groups.items()):
         time_s = (max(r.run_stop_ms for r in group) - min(r.run_start_ms for r in group)) / 1000.0
         samples = sum(r.train_samples * r.epochs for r in group)
         energies = [r.energy_j for r in group]
         rows.append(WeakRow(
-            system=system, models=len(group), number_of_nodes=max(r.number_of_nodes for r in group),
+            benchmark=benchmark, system=system, models=len(group), number_of_nodes=max(r.number_of_nodes for r in group),
             world_size=max(r.world_size for r in group), converged=sum(r.converged for r in group),
             time_s=time_s, samples=samples, samples_per_s=samples / time_s if time_s > 0 else None,
             energy_j=sum(energies) if energies and None not in energies else None,
@@ -270,21 +293,22 @@ def weak_rows(runs: list[Run]) -> list[WeakRow]:
     return rows
 
 
-def summarize(org: Path, division: str | None = None) -> Summary:
-    runs, excluded = collect(Path(org), division)
-    return Summary(strong=strong_rows([r for r in runs if r.scaling == "strong"]),
-                   weak=weak_rows([r for r in runs if r.scaling == "weak"]), excluded=excluded, runs=runs)
+def summarize(org: Path, registry, division: str | None = None) -> Summary:
+    runs, excluded, directions = collect(Path(org), registry, division)
+    return Summary(strong=strong_rows([r for r in runs if r.scaling == "strong"], directions),
+                   weak=weak_rows([r for r in runs if r.scaling == "weak"]), excluded=excluded, runs=runs,
+                   titles={name: title for name, (_, title) in directions.items()})
 
 
 # -- the outputs
 
 STRONG_COLUMNS = [  # (header, attribute, format)
     ("system", "system", "{}"), ("nodes", "number_of_nodes", "{}"), ("ranks", "world_size", "{}"),
-    ("runs", "runs", "{}"), ("converged", "converged", "{}"), ("time to F1 (s)", "time_to_f1_s", "{:.3f}"),
+    ("runs", "runs", "{}"), ("converged", "converged", "{}"), ("time to target (s)", "time_to_target_s", "{:.3f}"),
     ("min (s)", "min_s", "{:.3f}"), ("median (s)", "median_s", "{:.3f}"), ("max (s)", "max_s", "{:.3f}"),
-    ("epochs to target", "epochs_to_target", "{:.2f}"), ("samples/s", "samples_per_s", "{:.1f}"),
-    ("speedup", "speedup", "{:.2f}"), ("efficiency", "efficiency", "{:.2f}"),
-    ("energy to F1 (J)", "energy_to_f1_j", "{:.1f}"), ("note", "note", "{}"),
+    ("epochs to target", "epochs_to_target", "{:.2f}"), ("best metric", "best_metric", "{:.4f}"),
+    ("samples/s", "samples_per_s", "{:.1f}"), ("speedup", "speedup", "{:.2f}"), ("efficiency", "efficiency", "{:.2f}"),
+    ("energy to target (J)", "energy_to_target_j", "{:.1f}"), ("note", "note", "{}"),
 ]
 WEAK_COLUMNS = [
     ("system", "system", "{}"), ("models", "models", "{}"), ("nodes/model", "number_of_nodes", "{}"),
@@ -305,10 +329,17 @@ def _table(rows, columns) -> list[str]:
 
 
 def to_markdown(s: Summary) -> str:
-    out = ["# stemdl results", "", "## Strong scaling (time to the target macro F1)", ""]
-    out += _table(s.strong, STRONG_COLUMNS) if s.strong else ["(no strong-scaling logs)"]
-    if s.weak:
-        out += ["", "## Weak scaling (M models at once)", "", *_table(s.weak, WEAK_COLUMNS)]
+    out = ["# stemdl results"]
+    benchmarks = list(dict.fromkeys([r.benchmark for r in s.strong] + [r.benchmark for r in s.weak]))
+    for name in benchmarks:
+        strong = [r for r in s.strong if r.benchmark == name]
+        weak = [r for r in s.weak if r.benchmark == name]
+        out += ["", f"## {name}: strong scaling (time to the target {s.titles.get(name, 'metric')})", ""]
+        out += _table(strong, STRONG_COLUMNS) if strong else ["(no strong-scaling logs)"]
+        if weak:
+            out += ["", f"## {name}: weak scaling (M models at once)", "", *_table(weak, WEAK_COLUMNS)]
+    if not benchmarks:
+        out += ["", "(no log passed the compliance check)"]
     if s.excluded:
         out += ["", "## Excluded logs (failed the compliance check)", ""]
         out += [f"- `{e['path']}`: {e['reason']}" for e in s.excluded]
@@ -340,17 +371,21 @@ def plots(s: Summary) -> dict[str, bytes]:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure  # not pyplot: no global figure state
 
-    specs = [("time_to_f1.png", "time_to_f1_s", "time to F1 (s)"),
+    specs = [("time_to_target.png", "time_to_target_s", "time to target (s)"),
              ("efficiency.png", "efficiency", "parallel efficiency"),
              ("epochs_to_target.png", "epochs_to_target", "epochs to target")]
     out = {}
     for name, attr, label in specs:
         fig = Figure(figsize=(5, 3.5))
         ax = fig.add_subplot()
-        points = [(r.world_size, getattr(r, attr)) for r in s.strong if getattr(r, attr) is not None]
-        if points:
-            ax.plot(*zip(*points), "o-")
-        ax.set(xlabel="ranks (world size)", ylabel=label, title=f"stemdl strong scaling: {label}")
+        for benchmark in dict.fromkeys(r.benchmark for r in s.strong):
+            points = [(r.world_size, getattr(r, attr)) for r in s.strong
+                      if r.benchmark == benchmark and getattr(r, attr) is not None]
+            if points:
+                ax.plot(*zip(*points), "o-", label=benchmark)
+        if s.strong:
+            ax.legend()
+        ax.set(xlabel="ranks (world size)", ylabel=label, title=f"strong scaling: {label}")
         ax.grid(True, alpha=0.3)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -358,39 +393,30 @@ def plots(s: Summary) -> dict[str, bytes]:
     return out
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_outputs(s: Summary, out: Path) -> dict[str, Path]:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        files = {"summary.md": to_markdown(s), "summary.csv": to_csv(s), "summary.json": to_json(s), **plots(s)}
-        for name, data in files.items():
-            write_atomic(out / name, data)
+        outputs = {"summary.md": to_markdown(s), "summary.csv": to_csv(s), "summary.json": to_json(s), **plots(s)}
+        for name, data in outputs.items():
+            files.write_atomic(out / name, data)
     except OSError as exc:
         raise StemdlError(f"{out}: cannot write the summary ({exc.strerror or exc})") from None
-    return {name: out / name for name in files}
+    return {name: out / name for name in outputs}
 
 
 # -- the command
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("org", metavar="ORG", type=Path,
-                        help="a submission folder (ORG/results/<system>/{strong,weak}/stemdl/) or a folder of logs")
+                        help="a submission folder (ORG/results/<system>/{strong,weak}/<benchmark>/) or a folder of logs")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: ORG/summary)")
     parser.add_argument("--division", choices=mlperf.DIVISIONS, default=None,
                         help="check every log against this division's rules (default: the one each log states)")
 
 
-def run(args: argparse.Namespace) -> int:
-    s = summarize(args.org, args.division)
+def run(args: argparse.Namespace, registry) -> int:
+    s = summarize(args.org, registry, args.division)
     write_outputs(s, args.out if args.out is not None else Path(args.org) / "summary")
     print(to_markdown(s), end="")
     return 0

@@ -6,7 +6,7 @@
 
 Every method is a set of config overrides on one base (`--config`, the `ablation` preset by default: the
 imbalanced synthetic set with the public class mix, the small CNN, 12 epochs, no stop at the target), run
-with `stemdl run` in this process, so each leaves its MLLOG and metrics in OUT/runs/<method>/seed_<s>/.
+by the harness's runner in this process, so each leaves its MLLOG and metrics in OUT/runs/<method>/seed_<s>/.
 The table (OUT/ablation.md, .json) gives, per method and averaged over the seeds: macro F1, weighted F1,
 top-1 accuracy and the tail macro F1 (the mean F1 of the classes with fewer training samples than the
 median class) of the last evaluation, and the minutes to the first evaluation at the target macro F1
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -53,23 +52,22 @@ def _method_dir(out: Path, method: str, seed: int) -> Path:
     return out / "runs" / method / f"seed_{seed}"
 
 
-def run_method(out: Path, base: str, method: str, overrides: dict, seed: int, data: str | None,
-               extra: list[str], keep_model: bool) -> dict:
-    """One `stemdl run`, or the metrics of the one that already finished in OUT."""
-    from stemdl.cli import main
+def run_method(out: Path, base: str, method: str, overrides: dict, seed: int, extra: dict, keep_model: bool) -> dict:
+    """One benchmark run, or the metrics of the one that already finished in OUT."""
+    from stemdl.harness.config import load_config
+    from stemdl.harness.runner import execute
+    from stemdl.workloads import REGISTRY
+    from stemdl.workloads.spacegroup.workload import WORKLOAD
 
     folder = _method_dir(out, method, seed)
     done = sorted(folder.glob("result_*.metrics.json"))
     if not done:
-        argv = ["run", "--config", base, "--log-dir", str(folder), "--seed", str(seed)]
-        argv += ["--data", data] if data else []
-        for key, value in overrides.items():
-            argv += ["--set", f"{key}={value}"]
+        values = {**overrides, **extra, "harness.log_dir": str(folder), "harness.seed": seed}
         if keep_model:  # the ensemble needs the members' final weights
-            argv += ["--set", f"checkpoint_dir={folder / 'model'}", "--set", "checkpoint_every=1",
-                     "--set", "checkpoint_keep=1"]
+            values.update({"harness.checkpoint_dir": str(folder / "model"), "harness.checkpoint_every": 1,
+                           "harness.checkpoint_keep": 1})
         print(f"stemdl ablate: {method} (seed {seed})", file=sys.stderr, flush=True)
-        status = main(argv + extra)
+        status = execute(WORKLOAD, load_config(WORKLOAD, base, values), REGISTRY).exit_status
         if status != 0:
             raise StemdlError(f"stemdl ablate: the {method} run (seed {seed}) failed with exit status {status}; "
                               f"its log is in {folder}")
@@ -84,7 +82,7 @@ def tail_classes(counts: np.ndarray) -> np.ndarray:
 
 
 def summarize_run(metrics: dict, tail: np.ndarray, target: float) -> dict:
-    final = json.loads(metrics["final"]) if isinstance(metrics["final"], str) else metrics["final"]
+    final = metrics["final"]
     tail_f1 = [row["f1"] for row in final["per_class"] if row["class"] in set(tail.tolist())]
     reached = [h for h in metrics["history"] if h["macro_f1"] >= target]
     row = {"macro_f1": final["macro_f1"], "weighted_f1": final["weighted_f1"], "top1": final["accuracy"],
@@ -113,40 +111,34 @@ def mean_rows(rows: list[dict]) -> dict:
 # ---------------------------------------------------------------- the ensemble
 
 
-def ensemble_metrics(out: Path, base: str, seeds: list[int], data: str | None, extra_sets: dict) -> dict:
-    """Macro F1 etc. of the ce members' averaged logits on the evaluation split (one process)."""
+def ensemble_metrics(out: Path, base: str, seeds: list[int], extra: dict) -> dict:
+    """Macro F1 etc. of the ce members' averaged outputs on the evaluation split (one process), evaluated
+    by the harness's evaluation, as every run's last one is."""
     import torch
 
-    from stemdl.harness import checkpoint, dist, mlperf
+    from stemdl.harness import checkpoint, dist, loop, mlperf
     from stemdl.harness.config import load_config
-    from stemdl.workloads.spacegroup.data.prepare import ensure_data, prepare
-    from stemdl.harness.metrics import ConfusionMatrix
-    from stemdl.harness.pipelines import NUM_CLASSES, build_pipeline
-    from stemdl.workloads.spacegroup.preprocess import normalize
-    from stemdl.harness.loop import as_outputs, build_criterion, build_model_and_optimizer, lattice_scale
+    from stemdl.harness.data import prepare
+    from stemdl.harness.pipelines import Feed, build_pipeline
+    from stemdl.harness.workload import StepContext
+    from stemdl.workloads.spacegroup.heads import Ensemble
+    from stemdl.workloads.spacegroup.workload import WORKLOAD
 
-    overrides = {**extra_sets, "seed": seeds[0]}
-    if data:
-        overrides.update(data=data, synth_preset="")
-    cfg = load_config(base, overrides)
+    cfg = load_config(WORKLOAD, base, {**extra, "harness.seed": seeds[0]})
     env = dist.setup()
     try:
-        prepared = prepare(ensure_data(cfg), cfg, env, mlperf.MLLogger(None, rank=1))  # rank 1: writes nothing
-        pipe = build_pipeline("memory", prepared.train, prepared.eval, cfg, env)
-        criterion = build_criterion(cfg, prepared, lattice_scale(cfg, prepared), torch.device("cpu"))
+        quiet = mlperf.MLLogger(None, rank=1)  # rank 1: writes nothing
+        prepared = prepare(WORKLOAD, WORKLOAD.ensure_data(cfg, env), cfg, env, quiet)
+        pipe = build_pipeline("memory", prepared.train, prepared.eval, cfg, env,
+                              feed=Feed(normalization=WORKLOAD.input_normalization))
         members = []
         for seed in seeds:
-            model, _, _ = build_model_and_optimizer(cfg, env, pipe.steps_per_epoch, criterion)
+            built = WORKLOAD.build(cfg, prepared)
             state = torch.load(checkpoint.resolve(_method_dir(out, "ce", seed) / "model"), weights_only=False)
-            checkpoint.unwrap(model).load_state_dict(state["model"])
-            members.append(model.eval())
-        cm = ConfusionMatrix(NUM_CLASSES)
-        with torch.no_grad():
-            for x, y, _, mask in pipe.eval_batches():
-                x = normalize(x).contiguous(memory_format=torch.channels_last)
-                logits = sum(as_outputs(m(x))["space_group"].float() for m in members) / len(members)
-                cm.update(y, logits.argmax(dim=1), mask)
-        return {"final": cm.to_dict(), "history": []}
+            built.model.load_state_dict(state["model"])
+            members.append(built.model)
+        evaluation = loop.evaluate(Ensemble(members), pipe, built.evaluator(StepContext(cfg, env, pipe.normalized)))
+        return {"final": dict(evaluation.details), "history": []}
     finally:
         dist.teardown()
 
@@ -172,12 +164,6 @@ def table(study: str, rows: dict, config: dict) -> str:
             f"{config['seeds']}, target macro F1 {config['target']}; tail = classes with fewer training samples "
             f"than the median class ({config['tail_classes']} of {config['classes']}).\n\n")
     return head + "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- the command
@@ -221,58 +207,60 @@ def ensemble_seeds(seeds: list[int], k: int) -> list[int]:
     return members
 
 
-def run(args: argparse.Namespace) -> int:
-    import yaml
+def _extra(args) -> dict:
+    """The overrides every run of the study gets: --set, and --data (never filled with synthetic data)."""
+    from stemdl.harness.config import parse_set
 
+    extra = parse_set(args.set)
+    if args.data:
+        extra.update({"harness.data": args.data, "harness.synth_preset": ""})
+    return extra
+
+
+def run(args: argparse.Namespace) -> int:
+    from stemdl.harness import files
     from stemdl.harness.config import load_config
+    from stemdl.workloads.spacegroup.workload import WORKLOAD
 
     methods, seeds = _plan(args)
-    extra_sets = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise StemdlError(f"--set {item!r}: expected KEY=VALUE")
-        extra_sets[key.strip()] = yaml.safe_load(value)
-    base = load_config(args.config, extra_sets)  # a bad key fails here, before any run
-    extra = [a for item in args.set for a in ("--set", item)]
+    extra = _extra(args)
+    base = load_config(WORKLOAD, args.config, extra)  # a bad key fails here, before any run
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     members = ensemble_seeds(seeds, args.ensemble) if args.study == "imbalance" and "ce" in methods else []
     results = {}
     for method, overrides in methods.items():
         for seed in sorted(set(seeds) | (set(members) if method == "ce" else set())):
-            results.setdefault(method, {})[seed] = run_method(out, args.config, method, overrides, seed, args.data,
-                                                              extra, keep_model=method == "ce" and seed in members)
+            results.setdefault(method, {})[seed] = run_method(out, args.config, method, overrides, seed, extra,
+                                                              keep_model=method == "ce" and seed in members)
     counts = _train_counts(out, methods, seeds)
-    tail = tail_classes(counts)
-    rows = {m: mean_rows([summarize_run(results[m][s], tail, base.target) for s in seeds]) for m in methods}
+    tail, target = tail_classes(counts), base.harness.target
+    rows = {m: mean_rows([summarize_run(results[m][s], tail, target) for s in seeds]) for m in methods}
     if members:
-        ens = ensemble_metrics(out, args.config, members, args.data, extra_sets)
-        rows[f"{ENSEMBLE} ({len(members)} x ce)"] = mean_rows([summarize_run(ens, tail, base.target)])
-    config = {"base": args.config, "data": args.data or base.data, "seeds": seeds, "target": base.target,
+        ens = ensemble_metrics(out, args.config, members, extra)
+        rows[f"{ENSEMBLE} ({len(members)} x ce)"] = mean_rows([summarize_run(ens, tail, target)])
+    config = {"base": args.config, "data": base.harness.data, "seeds": seeds, "target": target,
               "tail_classes": len(tail), "classes": int(np.count_nonzero(counts)), "members": members,
-              "overrides": extra_sets}
-    write_atomic(out / "ablation.json", json.dumps({"study": args.study, "config": config, "rows": rows},
-                                                   indent=1) + "\n")
+              "overrides": extra}
+    files.write_atomic(out / "ablation.json", json.dumps({"study": args.study, "config": config, "rows": rows},
+                                                         indent=1) + "\n")
     text = table(args.study, rows, config)
-    write_atomic(out / "ablation.md", text)
+    files.write_atomic(out / "ablation.md", text)
     print(text, flush=True)
     return 0
 
 
 def _train_counts(out: Path, methods: dict, seeds: list[int]) -> np.ndarray:
-    """Training samples per class index, as the first run saw them (its config names the data)."""
-    from stemdl.harness.config import load_config
+    """Training samples per class index, as the first run saw them (its saved config names the data)."""
     from stemdl.harness.shards import ShardSet, is_shard_dir
+    from stemdl.workloads.spacegroup.data.layout import class_counts, class_index
 
     first = next(iter(methods))
     saved = sorted(_method_dir(out, first, seeds[0]).glob("result_*.config.json"))[-1]
-    cfg = load_config("default", {k: v for k, v in json.loads(saved.read_text()).items()})
-    if is_shard_dir(cfg.data):
-        labels = ShardSet.open(cfg.data, verify="none").split(cfg.train_split).labels
-    else:
-        from stemdl.workloads.spacegroup.data.index import load_or_build
+    h = json.loads(saved.read_text())["harness"]
+    if is_shard_dir(h["data"]):
+        return class_counts(ShardSet.open(h["data"], verify="none").split(h["train_split"]).fields["labels"])
+    from stemdl.workloads.spacegroup.data.index import load_or_build
 
-        index = load_or_build(cfg.data, quiet=True)
-        labels = index.label[index.select(cfg.train_split)].astype(np.int64) - 1
-    return np.bincount(labels, minlength=230)
+    index = load_or_build(h["data"], quiet=True)
+    return class_counts(class_index(index.label[index.select(h["train_split"])]))

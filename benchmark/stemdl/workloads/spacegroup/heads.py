@@ -1,10 +1,10 @@
 """Multi-task prediction: a shared trunk, one head per structural property, and their combined loss.
 
     tasks = parse_tasks("space_group,lattice,crystal_system")     # cfg.tasks; space_group always first
-    scale = lattice_scale(index, index.select("train"))           # training mean/std of the lattice targets
+    scale = lattice_scale(train_split)                            # training mean/std of the lattice targets
     model = MultiTaskHead(build_model("small_cnn", 230), tasks)   # forward(x) -> {task: output}
     loss_fn = TaskLoss(tasks, "learned", lattice=scale)           # its log-variances go to the optimizer
-    total, parts = loss_fn(model(x), targets(y, lattice), epoch)  # parts: {task: float loss}
+    total = loss_fn(as_outputs(model(x)), targets(y, lattice), epoch)
     metrics = TaskMetrics(tasks, scale).update(outputs, targets(y, lattice), mask).all_reduce()
     metrics.results()  # {"crystal_system_accuracy": .., "lattice_mae_a": .. (angstrom), ..}
 
@@ -35,10 +35,10 @@ from functools import cache
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
+from stemdl.harness.metrics import Sums
 from stemdl.workloads.spacegroup import models
 from stemdl.workloads.spacegroup.data.layout import CRYSTAL_SYSTEMS, SYSTEM_LAST_GROUP
 from stemdl.harness.errors import DataError, StemdlError
@@ -178,18 +178,18 @@ class LatticeScale:
         return lattice_inverse(output.float() * std + mean)
 
 
-def lattice_scale(index, rows) -> LatticeScale:
-    """The `LatticeScale` of entries `rows` of a `DataIndex`, after checking that every one is a cell
-    (a, b, c > 0, angles strictly between 0 and 180): a DataError names the first that is not."""
-    rows = np.asarray(rows, dtype=np.int64)
-    lattices = index.targets(rows)
+def lattice_scale(split) -> LatticeScale:
+    """The `LatticeScale` of a training split's lattices (`split.fields["targets"]`), after checking that
+    every one is a cell (a, b, c > 0, angles strictly between 0 and 180): a DataError names the first sample
+    that is not."""
+    lattices = np.asarray(split.fields["targets"])
     ok = np.all(np.isfinite(lattices), axis=1) & np.all(lattices[:, :3] > 0, axis=1) \
         & np.all((lattices[:, 3:] > 0) & (lattices[:, 3:] < 180), axis=1)
     if not ok.all():
-        i = int(rows[np.argmin(ok)])
-        shown = ", ".join(f"{v:g}" for v in lattices[np.argmin(ok)])
-        raise DataError(index.file_path(i), f"lattice ({shown}) is not a cell: the lattice task needs "
-                        "a, b, c > 0 and angles in (0, 180) degrees", index.group_name(i))
+        i = int(np.argmin(ok))
+        shown = ", ".join(f"{v:g}" for v in lattices[i])
+        raise DataError(split.name_of(i), f"lattice ({shown}) is not a cell: the lattice task needs "
+                        "a, b, c > 0 and angles in (0, 180) degrees")
     return LatticeScale.from_lattices(lattices)
 
 
@@ -236,9 +236,27 @@ class MultiTaskHead(nn.Module):
         return {name: head(features) for name, head in self.heads.items()}
 
 
+def as_outputs(outputs) -> dict[str, torch.Tensor]:
+    """The model's outputs by task: a plain model gives the space-group logits alone."""
+    return outputs if isinstance(outputs, dict) else {"space_group": outputs}
+
+
 def average_outputs(outputs: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The mean of several views' outputs, task by task, in float32 (test-time views of one batch)."""
     return {name: sum(o[name].float() for o in outputs) / len(outputs) for name in outputs[0]}
+
+
+class Ensemble(nn.Module):
+    """K trained models as one: their outputs averaged task by task, in float32 (a seed ensemble)."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        if not members:
+            raise StemdlError("an ensemble needs at least one model")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return average_outputs([as_outputs(m(x)) for m in self.members])
 
 
 # ---- the loss -------------------------------------------------------------------------------------------
@@ -259,8 +277,9 @@ class TaskLoss(nn.Module):
                term is exp(-s) L / 2 + s / 2; dropping the common factor 1/2 changes no minimum. For the
                classification tasks the same form is their approximation of a softmax with temperature
                sigma^2. The optimizer must hold `parameters()` (without weight decay, which would pull
-               every s_t to 0), and with several ranks `average_gradients()` runs after backward.
-    forward returns (total, {task: its unweighted loss as a float}) with one device synchronization.
+               every s_t to 0), and with several ranks their gradients are averaged after backward
+               (the harness does that for any loss with parameters).
+    forward(outputs, targets, epoch) returns the total; `task_losses` each task's unweighted loss.
     """
 
     def __init__(self, tasks: Sequence[str], weighting: str = "fixed", weights: Mapping[str, float] | None = None,
@@ -299,28 +318,12 @@ class TaskLoss(nn.Module):
                 losses.append(F.smooth_l1_loss(out, (target.float() - self.lattice_mean) / self.lattice_std))
         return losses
 
-    def forward(self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
-                epoch: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
-        losses = torch.stack(self.task_losses(outputs, targets, epoch))
+    def forward(self, outputs: Mapping[str, torch.Tensor] | torch.Tensor, targets: Mapping[str, torch.Tensor],
+                epoch: int = 0) -> torch.Tensor:
+        losses = torch.stack(self.task_losses(as_outputs(outputs), targets, epoch))
         if self.log_vars is None:
-            total = (self.task_weights * losses).sum()
-        else:
-            total = (torch.exp(-self.log_vars) * losses + self.log_vars).sum()
-        return total, dict(zip(self.tasks, losses.detach().tolist()))
-
-    def effective_weights(self) -> dict[str, float]:
-        """The weight each task's loss gets now: w_t, or exp(-s_t) when learned (for logging)."""
-        if self.log_vars is None:
-            return dict(self.weights)
-        return dict(zip(self.tasks, torch.exp(-self.log_vars.detach()).tolist()))
-
-    def average_gradients(self) -> None:
-        """Average the gradients of the learned log-variances over all ranks, as DDP does for the model's
-        (every rank's s_t then stay the same). A no-op without a process group or learned weights."""
-        if self.log_vars is None or self.log_vars.grad is None or not (tdist.is_available() and tdist.is_initialized()):
-            return
-        tdist.all_reduce(self.log_vars.grad, op=tdist.ReduceOp.SUM)
-        self.log_vars.grad /= tdist.get_world_size()
+            return (self.task_weights * losses).sum()
+        return (torch.exp(-self.log_vars) * losses + self.log_vars).sum()
 
 
 # ---- metrics --------------------------------------------------------------------------------------------
@@ -338,7 +341,7 @@ def regression_errors(pred_lattice: torch.Tensor, true: torch.Tensor) -> dict[st
     return dict(zip(LATTICE, errors.tolist()))
 
 
-class TaskMetrics:
+class TaskMetrics(Sums):
     """Accuracy of the crystal_system and centring heads and MAE of the lattice head, summed on the device
     and over ranks like `ConfusionMatrix` (space_group is the confusion matrix's, not counted here)."""
 
@@ -349,14 +352,12 @@ class TaskMetrics:
             raise StemdlError("lattice task: TaskMetrics needs the LatticeScale of the training set")
         self.mean, self.std = (lattice or LatticeScale((0.0,) * 6, (1.0,) * 6)).tensors(device)
         # [samples, correct per class task..., |error| sums of a, b, c, alpha, beta, gamma]
-        self.sums = torch.zeros(1 + len(self.classes) + len(LATTICE), dtype=torch.float64, device=device)
-        self.reduced = False
+        super().__init__(1 + len(self.classes) + len(LATTICE), torch.float64, device)
 
     def update(self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
                mask: torch.Tensor | None = None) -> TaskMetrics:
         """Add a batch: the heads' outputs, the `targets()` of its samples, mask False for padding."""
-        if self.reduced:
-            raise RuntimeError("TaskMetrics.update after all_reduce: the sums are already over all ranks")
+        self._adding()
         n = len(next(iter(targets.values())))
         keep = (torch.ones(n, dtype=torch.bool) if mask is None else mask.reshape(-1).bool()).to(self.sums.device)
         parts = [keep.sum(dtype=torch.float64)[None]]
@@ -370,15 +371,6 @@ class TaskMetrics:
         else:
             parts.append(torch.zeros(len(LATTICE), dtype=torch.float64, device=self.sums.device))
         self.sums += torch.cat(parts)
-        return self
-
-    def all_reduce(self, group=None) -> TaskMetrics:
-        """Sum over the ranks of `group` (a no-op without a process group); once, after the last update."""
-        if self.reduced:
-            raise RuntimeError("TaskMetrics.all_reduce called twice: the sums would be summed again")
-        if tdist.is_available() and tdist.is_initialized():
-            tdist.all_reduce(self.sums, op=tdist.ReduceOp.SUM, group=group)
-        self.reduced = True
         return self
 
     @property

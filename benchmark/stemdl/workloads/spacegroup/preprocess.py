@@ -103,3 +103,13 @@ def eval_views(batch: torch.Tensor, mode: str) -> list[torch.Tensor]:
     if mode == "stack":
         return [batch]
     return [batch[:, i:i + 1] for i in range(batch.shape[1])]
+
+
+def augment(x: torch.Tensor, how: str, generator: torch.Generator) -> torch.Tensor:
+    """Random left-right flips per sample ('flip'). A mirrored pattern is the pattern of the mirrored
+    crystal, whose space group is the same or its enantiomorph, which kinematic diffraction cannot tell
+    apart anyway (same diffraction class)."""
+    if how == "none":
+        return x
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)

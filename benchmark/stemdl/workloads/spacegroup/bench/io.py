@@ -242,7 +242,7 @@ class Head:
 
     def __init__(self, split, n: int):
         self.split, self.n = split, n
-        self.labels, self.targets = split.labels[:n], split.targets[:n]
+        self.fields = {name: values[:n] for name, values in split.fields.items()}
         self.dtype, self.image_shape = split.dtype, split.image_shape
         self.reads_are_copies = getattr(split, "reads_are_copies", False)
         self.reads_into = getattr(split, "reads_into", False)
@@ -262,7 +262,7 @@ class Repeated(Head):
     def __init__(self, split, n: int, length: int):
         super().__init__(split, n)
         self.length = length
-        self.labels, self.targets = np.resize(self.labels, length), np.resize(self.targets, (length, 6))
+        self.fields = {name: np.resize(values, (length, *values.shape[1:])) for name, values in self.fields.items()}
 
     def __len__(self) -> int:
         return self.length
@@ -284,10 +284,10 @@ def epoch_rate(pipe, epochs: int) -> tuple[int, float, int, float, float]:
     first_s, start = 0.0, time.perf_counter()
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        for k, (_, y, _) in enumerate(pipe.train_batches(epoch)):
-            samples += len(y)
+        for k, (x, _) in enumerate(pipe.train_batches(epoch)):
+            samples += len(x)
             if k == 0:
-                first_samples, first_s = first_samples + len(y), first_s + time.perf_counter() - t0
+                first_samples, first_s = first_samples + len(x), first_s + time.perf_counter() - t0
     return samples, time.perf_counter() - start, first_samples, first_s, warm
 
 
@@ -296,13 +296,14 @@ def gather_row(split, cfg, env, epochs: int, bytes_per: int, limit: float) -> Ra
     process, nothing else (no worker, no hand-over); what rows 3 and 4 add on top shows against it."""
     from stemdl.workloads.spacegroup import samplers
 
-    orders = [samplers.epoch_indices(cfg.sampler, split.labels, cfg.seed, epoch, env.rank, env.world_size,
-                                     cfg.batch_size) for epoch in range(1, epochs + 1)]
+    b = cfg.harness.batch_size
+    orders = [samplers.epoch_indices(cfg.workload.sampler, split.fields["labels"], cfg.harness.seed, epoch,
+                                     env.rank, env.world_size, b) for epoch in range(1, epochs + 1)]
     split.read(np.arange(split.n))  # maps every shard first, as a run's first epoch does for the rest
     samples, start = 0, time.perf_counter()
     for order in orders:
-        for k in range(0, len(order), cfg.batch_size):
-            samples += len(split.read(order[k:k + cfg.batch_size]))
+        for k in range(0, len(order), b):
+            samples += len(split.read(order[k:k + b]))
     seconds = time.perf_counter() - start
     return Rate("-", "shards, batch gathers (split.read), no pipeline", samples, samples * bytes_per, seconds,
                 limit=samples * bytes_per / MB / seconds / limit)
@@ -314,7 +315,7 @@ def pipeline_row(row: str, what: str, name: str, splits, cfg, env, epochs: int, 
     from stemdl.harness.pipelines import build_pipeline
 
     start = time.perf_counter()
-    pipe = build_pipeline(name, *splits, cfg, env)
+    pipe = build_pipeline(name, *splits, cfg, env, feed=_feed(cfg, env))
     built = time.perf_counter() - start
     samples, seconds, first_samples, first_s, warm = epoch_rate(pipe, epochs)
     # Leaving out each epoch's first wait, and every batch read during it (DALI reads prefetch x group ahead).
@@ -367,19 +368,27 @@ def cycled(batches: list):
     return source
 
 
+def _feed(cfg, env):
+    """How the run feeds a pipeline: the uniform order (the bench's default sampler) and DALI's normalization."""
+    from stemdl.harness.pipelines import Feed
+    from stemdl.workloads.spacegroup.workload import WORKLOAD
+
+    return Feed(normalization=WORKLOAD.input_normalization)
+
+
 def time_steps(source, normalized: bool, steps: int, ctx) -> StepClock:
     """The real training step (stemdl.harness.loop.train_epoch, fresh model and optimizer) on `source`'s batches:
     ctx["warmup"] + `steps` of them."""
-    from stemdl.harness import loop as train
+    from stemdl.harness import loop
+    from stemdl.workloads.spacegroup.workload import WORKLOAD
 
-    cfg, env, prepared, spe = ctx["cfg"], ctx["env"], ctx["prepared"], ctx["steps_per_epoch"]
-    clock = StepClock(source, normalized, ctx["warmup"] + steps, spe)
-    lattice = train.lattice_scale(cfg, prepared)
-    criterion = train.build_criterion(cfg, prepared, lattice, torch.device(env.device))
-    model, optimizer, scheduler = train.build_model_and_optimizer(cfg, env, spe, criterion)
-    session = train.Session(cfg, env, None, {}, clock, model, optimizer, scheduler, None, criterion, prepared, lattice)
-    train.train_epoch(session, 1)
+    clock = StepClock(source, normalized, ctx["warmup"] + steps, ctx["steps_per_epoch"])
+    loop.train_epoch(loop.training_session(WORKLOAD, ctx["cfg"], ctx["env"], ctx["prepared"], clock), 1)
     return clock
+
+
+def _with_workers(cfg, workers: int):
+    return dataclasses.replace(cfg, harness=dataclasses.replace(cfg.harness, loader_workers=workers))
 
 
 def step_plan(inp, cfg, env, held: list, step_workers) -> list:
@@ -388,27 +397,28 @@ def step_plan(inp, cfg, env, held: list, step_workers) -> list:
 
     def pipe(name, workers, splits=inp.shards):
         def make():
-            built = build_pipeline(name, *splits, dataclasses.replace(cfg, loader_workers=workers), env)
+            built = build_pipeline(name, *splits, _with_workers(cfg, workers), env, feed=_feed(cfg, env))
             return chained(built), built.normalized
         return make
 
     plan = [("in memory (batches held)", lambda: (cycled(held), False)),
-            ("memory pipeline", pipe("memory", cfg.loader_workers)),
+            ("memory pipeline", pipe("memory", cfg.harness.loader_workers)),
             ("torch on shards, in process", pipe("torch", 0))]
     plan += [(f"dali, {t} threads", pipe("dali", t)) for t in sorted({max(1, w) for w in step_workers})]
     # The one loader that works for its batches (HDF5 reads and preprocessing), on the cores the step uses.
-    plan.append((f"torch on raw HDF5, {cfg.loader_workers} workers", pipe("torch", cfg.loader_workers, inp.raw)))
+    workers = cfg.harness.loader_workers
+    plan.append((f"torch on raw HDF5, {workers} workers", pipe("torch", workers, inp.raw)))
     return plan
 
 
 def step_rows(inp, cfg, env, args, bar: Progress) -> list[Steps]:
     """Row 5, every configuration measured --rounds times, in alternating order (ABC CBA ABC) so that a
     machine whose load drifts biases none of them."""
-    from stemdl.workloads.spacegroup.data.prepare import Prepared
+    from stemdl.harness.data import Prepared
     from stemdl.harness.pipelines import build_pipeline
 
     splits = inp.shards
-    first = build_pipeline("torch", *splits, dataclasses.replace(cfg, loader_workers=0), env)
+    first = build_pipeline("torch", *splits, _with_workers(cfg, 0), env)
     ctx = {"cfg": cfg, "env": env, "warmup": args.warmup, "steps_per_epoch": first.steps_per_epoch,
            "prepared": Prepared(splits[0], splits[1])}
     held = list(itertools.islice(chained(first)(), min(first.steps_per_epoch, args.warmup + args.steps)))
@@ -498,7 +508,7 @@ def open_inputs(args, cfg, shard_root: Path) -> Inputs:
         raise StemdlError(f"--shards {shard_root}: holds {shard_set.preprocess['size']}x"
                           f"{shard_set.preprocess['size']} shards, --size asks for {args.size}")
     raw_train, raw_eval = raw_splits(index, cfg)
-    shard_train, shard_eval = shard_set.split(cfg.train_split), shard_set.split(cfg.eval_split)
+    shard_train, shard_eval = shard_set.split(cfg.harness.train_split), shard_set.split(cfg.harness.eval_split)
     if len(shard_train) != len(raw_train):
         raise StemdlError(f"--shards {shard_root}: {len(shard_train)} training samples, --data {args.data} "
                           f"has {len(raw_train)}: not a conversion of it")
@@ -506,7 +516,7 @@ def open_inputs(args, cfg, shard_root: Path) -> Inputs:
     if not args.batch <= n <= len(raw_train):
         raise StemdlError(f"--samples {n}: the training split of {args.data} has {len(raw_train)}, "
                           f"and a batch needs {args.batch}")
-    rows = index.select(cfg.train_split)[:n]
+    rows = index.select(cfg.harness.train_split)[:n]
     long_train = Repeated(shard_train, n, max(n, args.epoch_samples))
     return Inputs(index, rows, (Head(raw_train, n), raw_eval), (Head(shard_train, n), shard_eval), shard_train,
                   (long_train, shard_eval))
@@ -676,7 +686,7 @@ def header(host: dict, inp, args, cfg, env) -> list[str]:
             f"{host['load_average_after'][0]:.2f} after",
             f"data: {inp.n:,} training samples of {args.data} ({inp.raw_sample_bytes():,} B raw a sample), "
             f"shards {args.size}x{args.size} {split.dtype.name} ({shard:,} B a sample), batch {args.batch}",
-            f"step: model {cfg.model} on {env.device}, {torch.get_num_threads()} torch threads, {args.rounds} "
+            f"step: model {cfg.workload.model} on {env.device}, {torch.get_num_threads()} torch threads, {args.rounds} "
             f"round(s) of {-(-args.steps // args.rounds)} steps after {args.warmup} of warm-up"]
 
 
@@ -752,8 +762,9 @@ def _check(args) -> None:
 def _setup(args):
     from stemdl.harness import dist
     from stemdl.harness.config import load_config
+    from stemdl.workloads.spacegroup.workload import WORKLOAD
 
-    cfg = load_config("default", {"data": args.data, "synth_preset": "", "image_size": args.size,
+    cfg = load_config(WORKLOAD, "default", {"data": args.data, "synth_preset": "", "image_size": args.size,
                                   "batch_size": args.batch, "loader_workers": args.workers, "model": args.model})
     gpu = args.device == "cuda"
     env = dist.DistributedEnv(device="cuda:0" if gpu else "cpu", backend="nccl" if gpu else "gloo",

@@ -32,6 +32,20 @@ CRYSTAL_SYSTEMS = ("triclinic", "monoclinic", "orthorhombic", "tetragonal", "tri
 SYSTEM_LAST_GROUP = (2, 15, 74, 142, 167, 194, 230)  # the last space group of each crystal system (ITA vol. A)
 
 
+def class_index(space_groups) -> np.ndarray:
+    """Space groups 1..230 (as stored) -> class indices 0..229 (what labels, models and metrics use):
+    the one place the two numberings meet."""
+    return np.asarray(space_groups, dtype=np.int64) - 1
+
+
+def class_counts(classes) -> np.ndarray:
+    """Samples per class index, (230,) int64, from class indices 0..229."""
+    classes = np.asarray(classes, dtype=np.int64)
+    if classes.size and (classes.min() < 0 or classes.max() >= N_SPACE_GROUPS):
+        raise ValueError(f"class indices must lie in 0..{N_SPACE_GROUPS - 1}")
+    return np.bincount(classes, minlength=N_SPACE_GROUPS)
+
+
 @dataclass(frozen=True)
 class AttrSpec:
     """One group attribute: `kind` is how h5py returns it, `shape` its array shape (None: any length)."""

@@ -1,18 +1,16 @@
-"""Where the timed run's samples come from: raw HDF5 through the index, or converted shards.
+"""The raw split: samples of the public HDF5 layout, read through the index and preprocessed as they are read.
 
-    train, dev = raw_splits(index, cfg, keep)        # the public HDF5 layout, preprocessed while reading
-    train = ShardSet.open(root).split("train")       # converted shards (stemdl.harness.shards): already done
+    train, dev = raw_splits(index, cfg, keep)     # keep: bool per index entry, False for bad samples
 
-Every split the pipelines read offers the same small interface, whichever the storage:
+It offers the split protocol of `stemdl.harness.pipelines`, as converted shards do:
 
-    len(split); split.labels        # int64 class index (space group - 1), (n,)
-    split.targets                   # float32 (n, 6): a, b, c (angstrom), alpha, beta, gamma (degrees)
-    split.names                     # "file:group" of every sample, for error messages
-    split.read(indices)             # (len(indices), 3, S, S), 0..255: uint8 (raw, uint8 shards) or float16
+    len(split); split.read(indices)   # (len(indices), 3, S, S) uint8 in 0..255
+    split.fields["labels"]            # int64 class index (space group - 1), (n,)
+    split.fields["targets"]           # float32 (n, 6): a, b, c (angstrom), alpha, beta, gamma (degrees)
+    split.name_of(i)                  # "file:group", for error messages
 
-A raw split reads each sample's float32 stack from HDF5 and applies `stemdl.workloads.spacegroup.preprocess.Preprocess`, rounding
-to uint8 exactly as `stemdl convert` does, so a raw run and a run on uint8 shards made with the same
-parameters see identical tensors (tested).
+Each sample's float32 stack gets `Preprocess` and is rounded to uint8 exactly as `stemdl convert` rounds
+it, so a raw run and a run on uint8 shards made with the same parameters see identical tensors (tested).
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from stemdl.workloads.spacegroup.data import layout
 from stemdl.workloads.spacegroup.data.reader import DataFile
 from stemdl.workloads.spacegroup.preprocess import Preprocess
 
@@ -31,8 +30,7 @@ class RawSplit:
         self.rows = np.asarray(rows, dtype=np.int64)
         self.paths = [str(index.file_path(i)) for i in self.rows]
         self.groups = [index.group_name(i) for i in self.rows]
-        self.labels = index.label[self.rows].astype(np.int64) - 1
-        self.targets = index.targets(self.rows)
+        self.fields = {"labels": layout.class_index(index.label[self.rows]), "targets": index.targets(self.rows)}
         self.prep = prep
         self.image_shape = (3, prep.size, prep.size)
         self.dtype = np.dtype(np.uint8)
@@ -42,8 +40,15 @@ class RawSplit:
         return len(self.rows)
 
     @property
+    def labels(self) -> np.ndarray:
+        return self.fields["labels"]
+
+    @property
     def names(self) -> list[str]:
         return [f"{p}:{g}" for p, g in zip(self.paths, self.groups)]
+
+    def name_of(self, i: int) -> str:
+        return f"{self.paths[i]}:{self.groups[i]}"
 
     def __getstate__(self):  # open HDF5 handles do not cross into worker processes
         return {**self.__dict__, "_files": {}}
@@ -61,9 +66,10 @@ class RawSplit:
 
 def raw_splits(index, cfg, keep: np.ndarray | None = None) -> tuple[RawSplit, RawSplit]:
     """The training and evaluation splits of `index`; `keep` (bool per index entry) leaves out bad samples."""
-    prep = Preprocess(size=cfg.image_size, floor=cfg.log_floor, ceiling=cfg.log_ceiling)
+    w = cfg.workload
+    prep = Preprocess(size=w.image_size, floor=w.log_floor, ceiling=w.log_ceiling)
     splits = []
-    for name in (cfg.train_split, cfg.eval_split):
+    for name in (cfg.harness.train_split, cfg.harness.eval_split):
         rows = index.select(name)
         if keep is not None:
             rows = rows[keep[rows]]

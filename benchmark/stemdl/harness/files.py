@@ -1,0 +1,62 @@
+"""Writing a file so that nobody ever sees half of it: a temporary name beside it, then one rename.
+
+    write_atomic(path, text_or_bytes)                      # configs, metrics, reports, summaries
+    write_atomic(path, data, durable=True)                 # fsync first: manifests, sidecars, checkpoints
+    with atomic_path(path) as tmp: np.save(tmp, arrays)    # for writers that want a path of their own
+    tmp = partial_path(path); ...; commit(tmp, path)       # a file written over many calls (shards)
+
+The temporary name is `.<name>.<host>-<pid>.partial`: hidden, never matched by the globs that find results,
+its own for each process (two writers of one name never share a temporary file), and recognised by
+`is_partial`, so that cleanup finds what a killed writer left. On an error the temporary file goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from pathlib import Path
+
+SUFFIX = ".partial"
+
+
+def partial_path(path: Path | str) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}{SUFFIX}")
+
+
+def is_partial(name: str) -> bool:
+    return name.startswith(".") and name.endswith(SUFFIX)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: Path | str, path: Path | str, durable: bool = False) -> None:
+    """Rename the finished temporary file over `path`; `durable`: its bytes and the rename reach the disk."""
+    if durable:
+        _fsync(Path(tmp))
+    os.replace(tmp, path)
+    if durable:
+        _fsync(Path(path).parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str, durable: bool = False):
+    """A temporary path to write; renamed to `path` when the block ends without an error, removed if not."""
+    tmp = partial_path(path)
+    try:
+        yield tmp
+        commit(tmp, path, durable)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path | str, data: str | bytes, durable: bool = False) -> None:
+    with atomic_path(path, durable) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)

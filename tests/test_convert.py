@@ -102,8 +102,8 @@ def check_against_raw(src: Path, dst: Path, size: int, dtype: str) -> None:
             want = u.round().to(torch.uint8) if dtype == "uint8" else u.to(torch.float16)
             assert np.array_equal(images[k], want.numpy()), (split, k)
             rec = read_record(path, group)
-            assert data.labels[k] == rec.space_group - 1
-            assert np.array_equal(data.targets[k], np.concatenate([rec.abc_angstrom, rec.angles_degree])
+            assert data.fields["labels"][k] == rec.space_group - 1
+            assert np.array_equal(data.fields["targets"][k], np.concatenate([rec.abc_angstrom, rec.angles_degree])
                                   .astype(np.float32))
             assert data.names[k] == f"{index.files[index.file_index[i]]}:{group}"
         counts = {str(g): int(n) for g, n in enumerate(index.class_counts(split)) if n}

@@ -60,8 +60,10 @@ def test_read_gathers_any_indices_from_the_shards(converted):
         train.read([0, 1, 2, 3], out=out[:3])
     with pytest.raises(IndexError, match="has 8 samples; asked for 0..8"):
         train.read([0, 8])
-    assert train.labels.dtype == np.int64 and train.labels.tolist() == [13, 61, 193, 224, 13, 61, 193, 224]
-    assert train.targets.dtype == np.float32 and train.targets.shape == (8, 6)
+    labels, targets = train.fields["labels"], train.fields["targets"]
+    assert list(train.fields) == ["labels", "targets"], "the small kinds but the names, in the declared order"
+    assert labels.dtype == np.int64 and labels.tolist() == [13, 61, 193, 224, 13, 61, 193, 224]
+    assert targets.dtype == np.float32 and targets.shape == (8, 6)
     assert train.names[4] == "train/batch_train_2.h5:sample_4_0" == train.name_of(4)
     assert train.files([1]) == [f"train/00001.{kind}.npy" for kind in ("images", "labels", "targets", "names")]
     assert len(train.files()) == 12 and len(shards.files()) == 16
@@ -136,6 +138,17 @@ def test_a_shard_that_disagrees_with_the_manifest_is_refused_when_its_split_is_r
         ShardSet.open(root, verify="none").split("train")
 
 
+def test_a_label_out_of_its_declared_range_names_the_shard_and_the_sample(root):
+    labels = root / "train" / "00002.labels.npy"
+    values = np.load(labels)
+    values[1] = 230  # one past the last class index
+    np.save(labels, values)
+    with pytest.raises(DataError) as err:
+        ShardSet.open(root, verify="none").split("train")
+    assert str(err.value) == (f"{labels}: labels 230 of sample 1 (train/batch_train_2.h5:sample_5_0) is outside "
+                              f"0..229")
+
+
 def test_missing_damaged_or_inconsistent_manifests(root, tmp_path):
     assert is_shard_dir(root) and not is_shard_dir(tmp_path) and not is_shard_dir(tmp_path / "absent")
     with pytest.raises(DataError, match=r"manifest.json: no split 'test' \(it has train, dev\)$"):
@@ -150,10 +163,11 @@ def test_missing_damaged_or_inconsistent_manifests(root, tmp_path):
     labels = ("splits", "train", "shards", 1, "files", "labels")
     cases = [
         (changed(lambda m: m.update(format="other")), "not a stemdl-shards manifest"),
-        (changed(lambda m: m.update(version=2)), "format version 2 "),
-        (changed(lambda m: m["preprocess"].update(dtype="int8")), "dtype"),
-        (changed(lambda m: m["splits"]["train"].update(samples=9)),
-         "split train: says 9 samples, its shards hold 8 and its class_counts 8"),
+        (changed(lambda m: m.update(version=1)), "format version 1 .*convert the data again"),
+        (changed(lambda m: m["kinds"][0].update(dtype="int9")), "dtype"),
+        (changed(lambda m: m["kinds"][1].update(mapped=True)), "exactly one mapped"),
+        (changed(lambda m: m.pop("kinds")), "must declare its arrays"),
+        (changed(lambda m: m["splits"]["train"].update(samples=9)), "split train: says 9 samples, its shards hold 8"),
         (changed(lambda m: dig(m, labels).update(path="../00001.labels.npy")),
          "'../00001.labels.npy' leaves the shard folder"),
         (changed(lambda m: dig(m, labels).update(bytes="136")), "bytes is not a byte count"),

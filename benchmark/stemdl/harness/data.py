@@ -69,11 +69,13 @@ def _shards(workload, root: Path, cfg, env, log) -> Prepared:
 
     h = cfg.harness
     shards = ShardSet.open(root, verify="none")
+    if shards.manifest["workload"] != workload.name:
+        raise StemdlError(f"{root}: shards of the {shards.manifest['workload']} benchmark, not of {workload.name}")
     workload.check_shards(shards, cfg)
     train, evaluation = shards.split(h.train_split), shards.split(h.eval_split)
     scope, mine = None, None
     if h.shard_scope == "node":  # units: the shards, which a node then stages and reads alone
-        sizes = [int(sh["files"]["images"]["bytes"]) for sh in train.shards]
+        sizes = [train.mapped_bytes(k) for k in range(len(train.shards))]
         scope, mine = node_scope(train.shard_of, sizes, env)
     needed = _run_files(shards, h, mine)
     staged = None

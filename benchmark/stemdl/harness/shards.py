@@ -1,43 +1,36 @@
-"""The shard format `stemdl convert` writes, and the reader every input pipeline uses.
+"""The shard format: a workload's samples, preprocessed once, as .npy files every input pipeline reads.
 
     shards = ShardSet.open("/scratch/shards128")          # checks every file's size against the manifest
-    train = shards.split("train")                          # ShardSplit
-    x = train.read(np.array([5, 17, 3]))                   # uint8 (3, 3, 128, 128), gathered from memory maps
-    y, t = train.labels[[5, 17, 3]], train.targets[[5, 17, 3]]    # class index (space group - 1), lattice
-    verify_files(shards.root, shards.files(), "checksum", subset=range(rank, n_files, world_size))
+    train = shards.split("train")                          # ShardSplit: the split protocol of the pipelines
+    x = train.read(np.array([5, 17, 3]))                   # the input kind, gathered from memory maps
+    train.fields["labels"][[5, 17, 3]]                     # the small kinds, in memory
+    writer = ShardWriter(dst, "train/00000", capacity, kinds)   # what a workload's conversion writes with
 
-A shard folder (DST of `stemdl convert SRC DST`) holds one shard per source HDF5 file, numbered within its
-split in the natural file order, with the samples in the natural group order:
+A shard folder holds one shard per source file, numbered within its split, with the samples in order:
 
-    DST/manifest.json            written last, atomically: what the folder holds (below); its presence
-                                 means the conversion finished
-    DST/convert.json             written first: the source and preprocessing, so that a rerun resumes or
-                                 refuses (never mixes)
-    DST/train/00000.images.npy   (k, 3, S, S) uint8 or float16, C order: `Preprocess(size, floor, ceiling)`
-                                 of the raw stacks, rounded to uint8 (as the raw pipeline does) or float16
-    DST/train/00000.labels.npy   (k,) int16: space group 1..230
-    DST/train/00000.targets.npy  (k, 6) float32: a, b, c (angstrom), alpha, beta, gamma (degrees)
-    DST/train/00000.names.npy    (k,) fixed-width bytes "source_file:group" (messages, tracing)
-    DST/train/00000.done.json    the shard's sidecar, written after its files: what a rerun checks to skip it
+    DST/manifest.json            written last, atomically: what the folder holds; its presence means the
+                                 conversion finished
+    DST/train/00000.<kind>.npy   one .npy per kind the workload declares, (k, *shape) of its dtype
+    DST/train/00000.done.json    the shard's sidecar (the workload's conversion resumes from these)
 
-Every array is a plain .npy (format 1.0, little-endian, header padded to 64 bytes), so `np.load(path,
-mmap_mode="r")`, DALI and any other .npy reader take it as it is. The manifest:
+The workload declares its kinds (`Kind`: name, dtype, per-sample shape, mapped or not, an optional range
+for integers), and the manifest stores them: exactly one kind is mapped, the input that `read` gathers
+per batch from memory maps; the others are small, read once into `fields` (integers as int64, floats as
+float32) in the declared order; a kind named "names" holds each sample's "file:group" for messages. The
+manifest:
 
-    {"format": "stemdl-shards", "version": 1, "source": "/abs/path/of/SRC",
-     "preprocess": {"size": 128, "floor": 0.001, "ceiling": 10000.0, "dtype": "uint8"},
-     "splits": {"train": {"samples": n, "class_counts": {"14": 412, ...},
-                          "shards": [{"name": "train/00000", "samples": k, "source": "train/batch_train_0.h5",
-                                      "files": {"images": {"path": "train/00000.images.npy", "bytes": B,
-                                                           "sha256": "..."},
-                                                "labels": {...}, "targets": {...}, "names": {...}}}, ...]},
-                ...},
-     "skipped": [{"sample": "train/batch_train_3.h5:sample_7_0", "reason": "..."}],   # --skip-bad
-     "created": "2025-01-01T00:00:00+00:00", "stemdl_version": "0.1.0"}
+    {"format": "stemdl-shards", "version": 2, "workload": "stemdl", "source": "/abs/path/of/SRC",
+     "preprocess": {...},                                   # the workload's own, checked by the workload
+     "kinds": [{"name": "images", "dtype": "uint8", "shape": [3, 128, 128], "mapped": true}, ...],
+     "splits": {"train": {"samples": n, "shards": [{"name": "train/00000", "samples": k, "source": "...",
+                          "files": {"images": {"path": "train/00000.images.npy", "bytes": B, "sha256": "..."},
+                                    ...}}, ...], ...the workload's summary (class counts)...}, ...},
+     "skipped": [{"sample": "...", "reason": "..."}], "created": "...", "stemdl_version": "0.1.0"}
 
-Labels, targets and names of a split are small and read once; images stay memory-mapped, opened lazily in
-each process (at most MAX_OPEN at a time, the earliest opened closed first, since every map holds a file
-descriptor), so a split can be handed to DataLoader workers, forked or pickled, without copying the images.
-`read` copies a batch out of the maps in the order asked for, from a view per sample of the open maps.
+Every array is a plain .npy (format 1.0), so `np.load(path, mmap_mode="r")`, DALI and any other reader take
+it as it is. Mapped files are opened lazily in each process (at most MAX_OPEN at a time, the earliest
+opened closed first, since every map holds a file descriptor), so a split can be forked or pickled without
+copying them; `read` copies a batch out of the maps from a view per sample of the open maps.
 """
 
 from __future__ import annotations
@@ -57,18 +50,42 @@ from typing import NamedTuple
 
 import numpy as np
 
-from stemdl.workloads.spacegroup.data import layout
+from stemdl.harness import files as files_mod
 from stemdl.harness.errors import DataError, StemdlError
 
 FORMAT = "stemdl-shards"
-VERSION = 1
+VERSION = 2  # 2: the kinds are declared in the manifest (1: the space-group kinds, labels 1..230)
 MANIFEST = "manifest.json"
-KINDS = ("images", "labels", "targets", "names")  # the files of a shard, in the order they are written
-DTYPES = {"uint8": np.dtype(np.uint8), "float16": np.dtype(np.float16)}
+NAMES = "names"  # the kind holding "file:group" of each sample
 VERIFY = ("none", "size", "checksum")
-N_TARGETS = 6
 MAX_OPEN = 256  # memory maps held open per split and process (each holds a file descriptor)
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+_DTYPES = ("uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64", "S")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One array of every sample: its dtype ("S" for bytes), its per-sample shape, whether it is the
+    mapped input, and for integers the range its values must lie in (inclusive)."""
+
+    name: str
+    dtype: str
+    shape: tuple = ()
+    mapped: bool = False
+    low: int | None = None
+    high: int | None = None
+
+    def to_json(self) -> dict:
+        out = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "mapped": self.mapped}
+        return out if self.low is None else {**out, "range": [self.low, self.high]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Kind:
+        low, high = d.get("range") or (None, None)
+        return cls(d["name"], d["dtype"], tuple(d["shape"]), bool(d.get("mapped")), low, high)
+
+    def empty(self, n: int = 0) -> np.ndarray:
+        return np.zeros((n, *self.shape), dtype="S1" if self.dtype == "S" else self.dtype)
 
 
 class FileEntry(NamedTuple):
@@ -123,7 +140,7 @@ def _file_problem(where: str, kind: str, meta) -> str | None:
     return _path_problem(meta.get("path"))
 
 
-def _shard_problem(split: str, k: int, shard) -> str | None:
+def _shard_problem(split: str, k: int, shard, kinds: list[str]) -> str | None:
     where = f"split {split} shard {k}"
     if not isinstance(shard, dict) or not isinstance(shard.get("name"), str) \
             or not isinstance(shard.get("source"), str):
@@ -133,22 +150,29 @@ def _shard_problem(split: str, k: int, shard) -> str | None:
     files = shard.get("files")
     if not isinstance(files, dict):
         return f"{where}: files is missing"
-    return next((p for p in (_file_problem(where, kind, files.get(kind)) for kind in KINDS) if p), None)
+    return next((p for p in (_file_problem(where, kind, files.get(kind)) for kind in kinds) if p), None)
 
 
-def _split_problem(split: str, entry) -> str | None:
-    if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list) \
-            or not isinstance(entry.get("class_counts"), dict) or not _is_int(entry.get("samples")):
-        return f"split {split}: needs samples, class_counts and shards"
+def _split_problem(split: str, entry, kinds: list[str]) -> str | None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list) or not _is_int(entry.get("samples")):
+        return f"split {split}: needs samples and shards"
     for k, shard in enumerate(entry["shards"]):
-        problem = _shard_problem(split, k, shard)
+        problem = _shard_problem(split, k, shard, kinds)
         if problem:
             return problem
     total = sum(shard["samples"] for shard in entry["shards"])
-    counted = sum(n for n in entry["class_counts"].values() if _is_int(n))
-    if total != entry["samples"] or counted != entry["samples"]:
-        return (f"split {split}: says {entry['samples']} samples, its shards hold {total} and its "
-                f"class_counts {counted}")
+    if total != entry["samples"]:
+        return f"split {split}: says {entry['samples']} samples, its shards hold {total}"
+    return None
+
+
+def _kind_problem(d) -> str | None:
+    if not isinstance(d, dict) or not isinstance(d.get("name"), str) or d.get("dtype") not in _DTYPES \
+            or not isinstance(d.get("shape"), list) or not all(_is_int(n, 1) for n in d["shape"]):
+        return f"kind {d!r}: needs a name, a dtype ({', '.join(_DTYPES)}) and a shape of positive sizes"
+    low, high = d.get("range") or (0, 0)
+    if not (_is_int(low, -2**62) and _is_int(high, -2**62) and low <= high):
+        return f"kind {d['name']}: range {d.get('range')!r} is not [low, high]"
     return None
 
 
@@ -157,18 +181,23 @@ def manifest_problem(manifest) -> str | None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         return f"not a {FORMAT} manifest"
     if manifest.get("version") != VERSION:
-        return f"format version {manifest.get('version')!r} (this stemdl reads version {VERSION})"
-    prep = manifest.get("preprocess")
-    if not isinstance(prep, dict) or not _is_int(prep.get("size"), 1) or prep.get("dtype") not in DTYPES \
-            or not all(isinstance(prep.get(k), (int, float)) for k in ("floor", "ceiling")):
-        return f"preprocess must give size, floor, ceiling and dtype ({' or '.join(DTYPES)})"
+        return (f"format version {manifest.get('version')!r} (this stemdl reads version {VERSION}: convert the "
+                f"data again)")
+    kinds = manifest.get("kinds")
+    if not isinstance(kinds, list) or not kinds:
+        return "no kinds: the manifest must declare its arrays"
+    problem = next((p for p in map(_kind_problem, kinds) if p), None)
+    if problem:
+        return problem
+    names = [d["name"] for d in kinds]
+    if len(set(names)) < len(names) or sum(bool(d.get("mapped")) for d in kinds) != 1:
+        return "kinds must have distinct names and exactly one mapped (the input)"
+    if not isinstance(manifest.get("preprocess"), dict) or not isinstance(manifest.get("workload"), str):
+        return "needs the workload's name and its preprocess"
     splits = manifest.get("splits")
     if not isinstance(splits, dict) or not splits:
         return "no splits"
-    unknown = set(splits) - set(layout.SPLITS)
-    if unknown:
-        return f"unknown split(s) {', '.join(sorted(unknown))}"
-    return next((p for p in (_split_problem(s, e) for s, e in splits.items()) if p), None)
+    return next((p for p in (_split_problem(s, e, names) for s, e in splits.items()) if p), None)
 
 
 def read_manifest(root: str | os.PathLike) -> dict:
@@ -249,16 +278,24 @@ def verify_files(root: str | os.PathLike, entries, how: str = "size", subset=Non
 
 # ---- reading ------------------------------------------------------------------------------------------
 
-def _load_small(path: Path, dtype_kind: str, shape_tail: tuple, samples: int) -> np.ndarray:
-    """A small per-shard array (labels, targets, names), checked against the manifest."""
+def _load_small(path: Path, kind: Kind, samples: int) -> np.ndarray:
+    """A small per-shard array, checked against the manifest."""
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise DataError(path, f"not a readable .npy file ({exc})") from None
-    if arr.shape != (samples, *shape_tail) or arr.dtype.kind != dtype_kind:
+    expected = kind.empty().dtype.kind
+    if arr.shape != (samples, *kind.shape) or arr.dtype.kind != expected:
         raise DataError(path, f"holds {arr.dtype} {arr.shape}, the manifest says {samples} samples "
-                              f"({dtype_kind} {(samples, *shape_tail)})")
+                              f"({kind.dtype} {(samples, *kind.shape)})")
     return arr
+
+
+def _in_memory(values: np.ndarray) -> np.ndarray:
+    """What a split hands on: integers as int64, floats as float32 (what models and losses take)."""
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    return values.astype(np.float32) if values.dtype.kind == "f" else values
 
 
 def _image_header(path: Path) -> tuple[tuple, bool, np.dtype]:
@@ -272,40 +309,51 @@ def _image_header(path: Path) -> tuple[tuple, bool, np.dtype]:
 
 
 class ShardSplit:
-    """The samples of one split: small arrays in memory, images memory-mapped shard by shard."""
+    """The samples of one split: small kinds in memory (`fields`), the input kind memory-mapped by shard."""
 
-    reads_are_copies = True  # a read copies mapped bytes: pipelines read in the training process (stemdl.harness.pipelines)
+    reads_are_copies = True  # a read copies mapped bytes: pipelines read in the training process
     reads_into = True  # read(indices, out=buffer) fills a given buffer (stemdl.harness.dali reuses a ring of them)
 
-    def __init__(self, root: Path, name: str, entry: dict, preprocess: dict):
+    def __init__(self, root: Path, name: str, entry: dict, kinds: list[Kind]):
         self.root, self.name = Path(root), name
         self.shards: list[dict] = entry["shards"]
         counts = np.array([s["samples"] for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # shard k: offsets[k:k+2]
         self.shard_of = np.repeat(np.arange(len(self.shards), dtype=np.int32), counts)
-        self.dtype = DTYPES[preprocess["dtype"]]
-        self.image_shape = (layout.N_PATTERNS, int(preprocess["size"]), int(preprocess["size"]))
-        labels, targets, names = [], [], []
+        self.input = next(k for k in kinds if k.mapped)
+        self.kinds = kinds
+        self.dtype, self.image_shape = np.dtype(self.input.dtype), self.input.shape
+        small = {k.name: [] for k in kinds if not k.mapped}
         for shard in self.shards:
-            k, files = shard["samples"], shard["files"]
-            labels.append(_load_small(self.root / files["labels"]["path"], "i", (), k))
-            targets.append(_load_small(self.root / files["targets"]["path"], "f", (N_TARGETS,), k))
-            names.append(_load_small(self.root / files["names"]["path"], "S", (), k))
-            self._check_images(self.root / files["images"]["path"], k)
-        raw = np.concatenate(labels) if labels else np.zeros(0, np.int16)
-        if raw.size and not (1 <= raw.min() and raw.max() <= layout.N_SPACE_GROUPS):
-            raise DataError(self.root, f"split {name}: a label is outside 1..{layout.N_SPACE_GROUPS}")
-        self.labels = raw.astype(np.int64) - 1  # class index, as every pipeline uses
-        self.targets = np.concatenate(targets).astype(np.float32) if targets else np.zeros((0, N_TARGETS), np.float32)
-        self._names = np.concatenate(names) if names else np.zeros(0, "S1")
-        self.fields = {"labels": self.labels, "targets": self.targets}
+            for kind in kinds:
+                path = self.root / shard["files"][kind.name]["path"]
+                if kind.mapped:
+                    self._check_input(path, shard["samples"])
+                else:
+                    small[kind.name].append(_load_small(path, kind, shard["samples"]))
+        arrays = {k.name: np.concatenate(small[k.name]) if self.shards else k.empty() for k in kinds if not k.mapped}
+        self._names = arrays.pop(NAMES, np.zeros(len(self.shard_of), "S1"))
+        for kind in kinds:
+            if kind.low is not None and kind.name in arrays:
+                self._check_range(kind, arrays[kind.name])
+        self.fields = {name: _in_memory(values) for name, values in arrays.items()}
         self._forget_maps()
+
+    def _check_range(self, kind: Kind, values: np.ndarray) -> None:
+        """A value out of its declared range names its shard file and its sample."""
+        bad = np.flatnonzero((values < kind.low) | (values > kind.high))
+        if bad.size:
+            i = int(bad[0])
+            path = self.root / self.shards[int(self.shard_of[i])]["files"][kind.name]["path"]
+            more = f" (and {bad.size - 1} more)" if bad.size > 1 else ""
+            raise DataError(path, f"{kind.name} {values[i]} of sample {i - self.offsets[self.shard_of[i]]} "
+                                  f"({self.name_of(i)}) is outside {kind.low}..{kind.high}{more}")
 
     def _forget_maps(self) -> None:
         """This process's maps (none yet): shard k -> its images, and one (1, 3, S, S) view per sample of the
         open shards (None elsewhere), which is what `read` concatenates."""
         self._maps: OrderedDict = OrderedDict()
-        self._rows: list = [None] * len(self.labels)
+        self._rows: list = [None] * len(self.shard_of)
         self._viewed = np.zeros(len(self.shards), dtype=bool)
         self._pid = os.getpid()
 
@@ -314,14 +362,14 @@ class ShardSplit:
         cannot be evicted from the page cache while any process maps it."""
         self._forget_maps()
 
-    def _check_images(self, path: Path, samples: int) -> None:
+    def _check_input(self, path: Path, samples: int) -> None:
         shape, fortran, dtype = _image_header(path)
         if shape != (samples, *self.image_shape) or fortran or dtype != self.dtype:
             raise DataError(path, f"holds {dtype} {shape}{' (Fortran order)' if fortran else ''}, the manifest "
                                   f"says {self.dtype} {(samples, *self.image_shape)}")
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.shard_of)
 
     @cached_property
     def names(self) -> np.ndarray:
@@ -334,7 +382,11 @@ class ShardSplit:
     def files(self, shard_numbers=None) -> list[str]:
         """Relative paths of the files of these shards (default: all), as the manifest lists them."""
         numbers = range(len(self.shards)) if shard_numbers is None else shard_numbers
-        return [self.shards[int(k)]["files"][kind]["path"] for k in numbers for kind in KINDS]
+        return [self.shards[int(k)]["files"][kind.name]["path"] for k in numbers for kind in self.kinds]
+
+    def mapped_bytes(self, k: int) -> int:
+        """Bytes of shard k's input file (what a node reads per epoch)."""
+        return int(self.shards[k]["files"][self.input.name]["bytes"])
 
     def __getstate__(self):
         # A pickled split (spawned DataLoader workers) must not carry its memory maps: they would be copied.
@@ -358,7 +410,7 @@ class ShardSplit:
                 self._map(k)
 
     def _map(self, k: int) -> np.ndarray:
-        path = self.root / self.shards[k]["files"]["images"]["path"]
+        path = self.root / self.shards[k]["files"][self.input.name]["path"]
         try:
             mm = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
@@ -433,20 +485,24 @@ class ShardSet:
     def preprocess(self) -> dict:
         return self.manifest["preprocess"]
 
+    @cached_property
+    def kinds(self) -> list[Kind]:
+        return [Kind.from_json(d) for d in self.manifest["kinds"]]
+
     @property
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])
 
     def files(self) -> list[FileEntry]:
         """Every data file of every split: (relative path, bytes, sha256)."""
-        return [_as_entry(shard["files"][kind]) for entry in self.manifest["splits"].values()
-                for shard in entry["shards"] for kind in KINDS]
+        return [_as_entry(shard["files"][kind.name]) for entry in self.manifest["splits"].values()
+                for shard in entry["shards"] for kind in self.kinds]
 
     def split(self, name: str) -> ShardSplit:
         if name not in self.manifest["splits"]:
             raise DataError(self.root / MANIFEST, f"no split {name!r} (it has {', '.join(self.splits)})")
         if name not in self._splits:
-            self._splits[name] = ShardSplit(self.root, name, self.manifest["splits"][name], self.preprocess)
+            self._splits[name] = ShardSplit(self.root, name, self.manifest["splits"][name], self.kinds)
         return self._splits[name]
 
     def with_root(self, new_root: str | os.PathLike, verify: str = "none") -> ShardSet:
@@ -454,3 +510,62 @@ class ShardSet:
         moved = ShardSet(Path(new_root), self.manifest)
         verify_files(moved.root, moved.files(), verify)
         return moved
+
+
+class ShardWriter:
+    """One shard's files, written under temporary names and renamed once complete (fsynced: a shard under
+    its final name is whole). The mapped kind goes straight to a file-backed map, so a shard of any size
+    costs no memory; the small kinds are gathered and saved at the end."""
+
+    def __init__(self, dst: Path, name: str, capacity: int, kinds: list[Kind]):
+        self.base, self.kinds = Path(dst) / name, kinds
+        self.base.parent.mkdir(parents=True, exist_ok=True)
+        self.input = next(k for k in kinds if k.mapped)
+        self.rows = np.lib.format.open_memmap(self._partial(self.input.name), mode="w+", dtype=self.input.dtype,
+                                              shape=(capacity, *self.input.shape))
+        self.small: dict[str, list] = {k.name: [] for k in kinds if not k.mapped}
+        self.count = 0
+
+    def _partial(self, kind: str) -> Path:
+        return files_mod.partial_path(self.path(kind))
+
+    def path(self, kind: str) -> Path:
+        return self.base.with_name(f"{self.base.name}.{kind}.npy")
+
+    def add(self, values: dict) -> None:
+        """One sample: {kind name: its value}, every kind given."""
+        self.rows[self.count] = values[self.input.name]
+        for name, gathered in self.small.items():
+            gathered.append(values[name])
+        self.count += 1
+
+    def _save(self, kind: Kind, values) -> None:
+        if kind.dtype == "S":
+            arr = np.array(values, dtype="S") if values else kind.empty()
+        else:
+            arr = np.array(values, dtype=kind.dtype).reshape(len(values), *kind.shape)
+        with open(self._partial(kind.name), "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+
+    def finish(self) -> dict:
+        """Rename every file to its final name; the manifest's "files" entry of the shard."""
+        self.rows.flush()
+        if self.count < len(self.rows):  # samples were skipped: keep the rows written
+            kept = np.array(self.rows[:self.count])
+            self.rows = None  # unmapped before the file is rewritten
+            with open(self._partial(self.input.name), "wb") as f:
+                np.save(f, kept, allow_pickle=False)
+        self.rows = None
+        for kind in self.kinds:
+            if not kind.mapped:
+                self._save(kind, self.small[kind.name])
+            files_mod.commit(self._partial(kind.name), self.path(kind.name), durable=True)
+        root = self.base.parents[1]
+        return {kind.name: {"path": self.path(kind.name).relative_to(root).as_posix(),
+                            "bytes": self.path(kind.name).stat().st_size, "sha256": file_sha256(self.path(kind.name))}
+                for kind in self.kinds}
+
+    def discard(self) -> None:
+        self.rows = None
+        for kind in self.kinds:
+            self._partial(kind.name).unlink(missing_ok=True)

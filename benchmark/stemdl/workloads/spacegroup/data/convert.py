@@ -61,7 +61,8 @@ from stemdl.harness import dist
 from stemdl.workloads.spacegroup.data import layout
 from stemdl.workloads.spacegroup.data.index import load_or_build
 from stemdl.workloads.spacegroup.data.reader import DataFile, data_files, imap_files, shape_problem
-from stemdl.harness.shards import DTYPES, FORMAT, KINDS, MANIFEST, VERSION, file_sha256, verify_files
+from stemdl.harness import files
+from stemdl.harness.shards import FORMAT, MANIFEST, VERSION, Kind, ShardWriter, verify_files
 from stemdl.workloads.spacegroup.data.validate import value_problems
 from stemdl.harness.errors import DataError, StemdlError
 from stemdl.workloads.spacegroup.preprocess import Preprocess
@@ -71,7 +72,18 @@ from stemdl.harness.signals import Interrupted, StopSignal
 PUBLIC_SAMPLES = 187_155  # the public set (train 148,006 / dev 20,400 / test 18,749): the size projections
 STARTED = "convert.json"
 SIDECAR = ".done.json"
-PARTIAL = ".partial"
+PARTIAL = files.SUFFIX
+DTYPES = ("uint8", "float16")  # stored pixels: rounded as the raw pipeline rounds, or kept as float16
+WORKLOAD = "stemdl"  # the shards are this benchmark's (the manifest says so)
+
+
+def shard_kinds(preprocess: dict) -> list[Kind]:
+    """The arrays of a space-group shard: the preprocessed stacks (the mapped input), the class index
+    (0..229), the lattice (a, b, c in angstrom, alpha, beta, gamma in degrees) and "file:group"."""
+    size = int(preprocess["size"])
+    return [Kind("images", preprocess["dtype"], (layout.N_PATTERNS, size, size), mapped=True),
+            Kind("labels", "int16", (), low=0, high=layout.N_SPACE_GROUPS - 1),
+            Kind("targets", "float32", (6,)), Kind("names", "S")]
 
 
 @dataclass(frozen=True)
@@ -202,17 +214,7 @@ def _check_destination(dst: Path, identity: dict) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    """Atomically and durably: a temporary name, fsync, rename."""
-    tmp = path.with_name(f".{path.name}{PARTIAL}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    files.write_atomic(path, json.dumps(obj, indent=1) + "\n", durable=True)
 
 
 def _claim(dst: Path, identity: dict) -> None:
@@ -251,7 +253,7 @@ def _reusable(dst: Path, job: ShardJob) -> dict | None:
                 and entry["source"] == job.source and (job.skip_bad or not side["skipped"])
                 and [side["source_size"], side["source_mtime_ns"]] == _source_stat(Path(job.src) / job.source))
         if same:
-            verify_files(dst, [entry["files"][kind] for kind in KINDS], "size")
+            verify_files(dst, [entry["files"][kind.name] for kind in shard_kinds(job.preprocess)], "size")
         return side if same else None
     except (OSError, ValueError, KeyError, TypeError, DataError):
         return None
@@ -261,7 +263,8 @@ def make_plan(src, dst, opts: Options) -> Plan:
     """Check SRC, DST and the options, claim DST, and find what is left to convert (rank 0 only)."""
     src, dst = Path(src).resolve(), Path(dst).resolve()
     Preprocess(opts.size, opts.floor, opts.ceiling)  # its checks, before anything is read
-    identity = {"format": FORMAT, "version": VERSION, "source": str(src), "preprocess": opts.preprocess()}
+    identity = {"format": FORMAT, "version": VERSION, "workload": WORKLOAD, "source": str(src),
+                "preprocess": opts.preprocess(), "kinds": [k.to_json() for k in shard_kinds(opts.preprocess())]}
     _check_destination(dst, identity)
     chosen = _select(src, _inventory(src, opts), opts.splits)
     expected = _expected_shape(src, chosen, opts.size)
@@ -300,64 +303,6 @@ class _Cancelled(Exception):
     """The parent asked the workers to stop (a signal): the shard is dropped, its temporary files removed."""
 
 
-class _ShardWriter:
-    """A shard's four files, each written under a temporary name, fsynced and renamed once complete."""
-
-    def __init__(self, dst: Path, name: str, capacity: int, image_shape: tuple, dtype: np.dtype):
-        self.base = dst / name
-        self.base.parent.mkdir(parents=True, exist_ok=True)
-        # Rows go straight to a file-backed map: a shard of any size costs no memory.
-        self.images = np.lib.format.open_memmap(self._partial("images"), mode="w+", dtype=dtype,
-                                                shape=(capacity, *image_shape))
-        self.labels: list[int] = []
-        self.targets: list[np.ndarray] = []
-        self.names: list[bytes] = []
-
-    def _partial(self, kind: str) -> Path:
-        return self.base.with_name(f".{self.base.name}.{kind}.npy{PARTIAL}")
-
-    def path(self, kind: str) -> Path:
-        return self.base.with_name(f"{self.base.name}.{kind}.npy")
-
-    def add(self, image: np.ndarray, rec: layout.SampleRecord, name: str) -> None:
-        self.images[len(self.labels)] = image
-        self.labels.append(rec.space_group)
-        self.targets.append(np.concatenate([rec.abc_angstrom, rec.angles_degree]))
-        self.names.append(name.encode())
-
-    def _save(self, kind: str, arr: np.ndarray) -> None:
-        with open(self._partial(kind), "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def finish(self) -> dict:
-        """Flush, rename every file to its final name, and return the manifest's "files" entry."""
-        count = len(self.labels)
-        self.images.flush()
-        if count < len(self.images):  # samples were skipped: keep the rows written
-            kept = np.array(self.images[:count])
-            self.images = None  # unmapped before the file is rewritten
-            self._save("images", kept)
-        else:
-            self.images = None
-            with open(self._partial("images"), "rb+") as f:
-                os.fsync(f.fileno())
-        self._save("labels", np.array(self.labels, dtype=np.int16))
-        self._save("targets", np.array(self.targets, dtype=np.float32).reshape(count, 6))
-        self._save("names", np.array(self.names, dtype="S") if count else np.zeros(0, "S1"))
-        for kind in KINDS:
-            os.replace(self._partial(kind), self.path(kind))
-        return {kind: {"path": self.path(kind).relative_to(self.base.parents[1]).as_posix(),
-                       "bytes": self.path(kind).stat().st_size, "sha256": file_sha256(self.path(kind))}
-                for kind in KINDS}
-
-    def discard(self) -> None:
-        self.images = None
-        for kind in KINDS:
-            self._partial(kind).unlink(missing_ok=True)
-
-
 def _read_sample(f: DataFile, group: str, buf: np.ndarray):
     """(record, stack) of one sample, checked as the reader and the validator check it; else DataError."""
     rec = f.record(group)
@@ -369,12 +314,13 @@ def _read_sample(f: DataFile, group: str, buf: np.ndarray):
     return rec, stack
 
 
-def _fill(f: DataFile, job: ShardJob, writer: _ShardWriter) -> list[dict]:
-    """Every sample of the file into `writer`; returns the samples skipped (with --skip-bad)."""
+def _fill(f: DataFile, job: ShardJob, writer: ShardWriter) -> tuple[list[int], list[dict]]:
+    """Every sample of the file into `writer`; returns the space groups written and the samples skipped
+    (with --skip-bad)."""
     p = job.preprocess
     prep = Preprocess(p["size"], p["floor"], p["ceiling"])
     buf = np.empty(job.expected, dtype=np.float32)
-    skipped = []
+    groups, skipped = [], []
     for group in f.groups:
         if _STOP is not None and _STOP.is_set():
             raise _Cancelled
@@ -388,8 +334,11 @@ def _fill(f: DataFile, job: ShardJob, writer: _ShardWriter) -> list[dict]:
         u = prep(torch.from_numpy(stack))
         # Exactly what the raw pipeline does to a sample (stemdl.workloads.spacegroup.data.source), so both give the same tensors.
         image = u.round_().to(torch.uint8) if p["dtype"] == "uint8" else u.to(torch.float16)
-        writer.add(image.numpy(), rec, f"{job.source}:{group}")
-    return skipped
+        writer.add({"images": image.numpy(), "labels": layout.class_index(rec.space_group),
+                    "targets": np.concatenate([rec.abc_angstrom, rec.angles_degree]),
+                    "names": f"{job.source}:{group}".encode()})
+        groups.append(rec.space_group)
+    return groups, skipped
 
 
 def convert_shard(job: ShardJob) -> dict:
@@ -399,13 +348,11 @@ def convert_shard(job: ShardJob) -> dict:
     writer = None
     try:
         with DataFile(src) as f:
-            writer = _ShardWriter(dst, job.name, len(f.groups), (layout.N_PATTERNS, job.preprocess["size"],
-                                  job.preprocess["size"]), DTYPES[job.preprocess["dtype"]])
-            skipped = _fill(f, job, writer)
+            writer = ShardWriter(dst, job.name, len(f.groups), shard_kinds(job.preprocess))
+            labels, skipped = _fill(f, job, writer)
         if _source_stat(src) != before:
             raise DataError(src, "changed while it was being converted; run the conversion again")
-        labels = list(writer.labels)
-        files = writer.finish()
+        written = writer.finish()
     except OSError as exc:  # full disk, no permission: the shard being written is named
         if writer is not None:
             writer.discard()
@@ -414,7 +361,7 @@ def convert_shard(job: ShardJob) -> dict:
         if writer is not None:
             writer.discard()
         raise
-    side = {"entry": {"name": job.name, "samples": len(labels), "source": job.source, "files": files},
+    side = {"entry": {"name": job.name, "samples": len(labels), "source": job.source, "files": written},
             "class_counts": {str(g): n for g, n in sorted(Counter(labels).items())}, "skipped": skipped,
             "source_size": before[0], "source_mtime_ns": before[1], "preprocess": job.preprocess}
     _write_json(dst / f"{job.name}{SIDECAR}", side)
@@ -617,7 +564,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dst", metavar="DST", help="shard folder to write (created; an unfinished one is resumed)")
     parser.add_argument("--size", type=int, default=128, metavar="S",
                         help="image height and width (default: %(default)s)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="uint8",
+    parser.add_argument("--dtype", choices=DTYPES, default="uint8",
                         help="stored pixels: uint8 (rounded, as the raw pipeline) or float16 (default: %(default)s)")
     parser.add_argument("--floor", type=float, default=1e-3, metavar="X",
                         help="log floor, x the mean pixel (default: %(default)s)")

@@ -40,10 +40,6 @@ class RawSplit:
         return len(self.rows)
 
     @property
-    def labels(self) -> np.ndarray:
-        return self.fields["labels"]
-
-    @property
     def names(self) -> list[str]:
         return [f"{p}:{g}" for p, g in zip(self.paths, self.groups)]
 

@@ -49,16 +49,20 @@ load_system() {
     export STEMDL_SUBMISSION_PLATFORM="${STEMDL_SUBMISSION_PLATFORM:-$STEMDL_SYSTEM}"
 }
 
-# result_dir: ORG/results/<system>/<strong|weak>/stemdl, the MLPerf submission layout. The system folder is
-# STEMDL_RESULT_SYSTEM when set (the scaling study sets <system>_n<nodes>), else STEMDL_SYSTEM.
+# result_dir: ORG/results/<system>/<strong|weak>/<benchmark>, the MLPerf submission layout. The system folder
+# is STEMDL_RESULT_SYSTEM when set (the scaling study sets <system>_n<nodes>), else STEMDL_SYSTEM; the
+# benchmark is STEMDL_BENCHMARK (a registered workload, `stemdl run --benchmark`; default stemdl).
 result_dir() {
     local scaling="${STEMDL_SCALING:-strong}"
     [[ "$scaling" == strong || "$scaling" == weak ]] || die "STEMDL_SCALING must be strong or weak, not '$scaling'"
-    echo "${STEMDL_ORG_DIR:?}/results/${STEMDL_RESULT_SYSTEM:-${STEMDL_SYSTEM:?}}/$scaling/stemdl"
+    local benchmark="${STEMDL_BENCHMARK:-stemdl}"
+    [[ "$benchmark" =~ ^[A-Za-z0-9_.-]+$ ]] || die "STEMDL_BENCHMARK must be a workload name, not '$benchmark'"
+    echo "${STEMDL_ORG_DIR:?}/results/${STEMDL_RESULT_SYSTEM:-${STEMDL_SYSTEM:?}}/$scaling/$benchmark"
 }
 
-# stemdl_cmd LOG_DIR EXTRA...: the `python -m stemdl run` words into the array STEMDL_CMD. --config and
-# --data come from STEMDL_CONFIG and STEMDL_DATA unless EXTRA names them (the command line wins).
+# stemdl_cmd LOG_DIR EXTRA...: the `python -m stemdl run` words into the array STEMDL_CMD. --benchmark comes
+# from STEMDL_BENCHMARK (default stemdl), --config and --data from STEMDL_CONFIG and STEMDL_DATA unless EXTRA
+# names them (the command line wins).
 stemdl_cmd() {
     local log_dir="$1" arg
     shift
@@ -67,9 +71,10 @@ stemdl_cmd() {
         case "$arg" in
             --config | --config=*) config="" ;;
             --data | --data=*) data="" ;;
+            --benchmark | --benchmark=*) die "set STEMDL_BENCHMARK instead of --benchmark (it names the result folder too)" ;;
         esac
     done
-    STEMDL_CMD=("$STEMDL_PYTHON" -m stemdl run)
+    STEMDL_CMD=("$STEMDL_PYTHON" -m stemdl run --benchmark "${STEMDL_BENCHMARK:-stemdl}")
     [[ -z "$config" ]] || STEMDL_CMD+=(--config "$config")
     [[ -z "$data" ]] || STEMDL_CMD+=(--data "$data")
     STEMDL_CMD+=(--log-dir "$log_dir" "$@")

@@ -7,7 +7,7 @@
 # --hostfile F, and after `--` any `stemdl run` arguments. Required: STEMDL_ORG_DIR, STEMDL_SYSTEM.
 # Optional (environment or launchers/systems/$STEMDL_SYSTEM.env): STEMDL_MPIRUN (the launcher binary),
 # STEMDL_MPIRUN_ARGS, STEMDL_HOSTFILE_FLAG, STEMDL_MODULES, STEMDL_PYTHON, STEMDL_CONFIG, STEMDL_DATA, NCCL_*.
-# The log goes to $STEMDL_ORG_DIR/results/$STEMDL_SYSTEM/strong/stemdl/result_<i>.txt.
+# The log goes to $STEMDL_ORG_DIR/results/$STEMDL_SYSTEM/strong/$STEMDL_BENCHMARK/result_<i>.txt.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=launchers/common.sh
@@ -40,8 +40,8 @@ launch=("${STEMDL_MPIRUN:-mpirun}" -n "$np")
 read -r -a mpirun_args <<<"${STEMDL_MPIRUN_ARGS:-}"
 launch+=("${mpirun_args[@]}")
 
+stemdl_cmd "$log_dir" "${extra[@]}"  # first: a wrong argument stops before anything runs
 [[ "${DRY_RUN:-0}" == 1 ]] || mkdir -p "$log_dir"
 preflight "$log_dir"
-stemdl_cmd "$log_dir" "${extra[@]}"
 run_cmd "${launch[@]}" "${STEMDL_CMD[@]}"
 check_log "$log_dir"

@@ -19,8 +19,8 @@ SCRIPTS = [LAUNCHERS / name for name in ("common.sh", "mpirun.sh", "slurm.sbatch
 
 def launch(script: str, *args: str, tmp_path: Path, drop: tuple = (), **env_extra) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items()
-           if key not in ("DRY_RUN", "STEMDL_CONFIG", "STEMDL_DATA", "STEMDL_RESULT_SYSTEM", "SLURM_JOB_ID",
-                          "SLURM_JOB_NUM_NODES", "LSB_JOBID")}
+           if key not in ("DRY_RUN", "STEMDL_CONFIG", "STEMDL_DATA", "STEMDL_RESULT_SYSTEM", "STEMDL_BENCHMARK",
+                          "SLURM_JOB_ID", "SLURM_JOB_NUM_NODES", "LSB_JOBID")}
     env.update({"STEMDL_ORG_DIR": str(tmp_path / "org"), "STEMDL_SYSTEM": "testsys",
                 "STEMDL_PYTHON": sys.executable, "PROJWORK": str(tmp_path / "proj"), **env_extra})
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -69,6 +69,15 @@ def test_mpirun_workstation_config_and_command_line_wins(tmp_path):
     run = assert_run_and_check(commands(proc), [str(Path(sys.executable).parent / "mpiexec"), "-n", "2"],
                                tmp_path, "workstation")
     assert run.count("--config") == 1 and run[run.index("--config") + 1] == "smoke"
+
+
+def test_the_benchmark_is_named_by_the_environment_not_after_the_double_dash(tmp_path):
+    run = assert_run_and_check(commands(launch("mpirun.sh", "--dry-run", tmp_path=tmp_path)), ["mpirun"], tmp_path)
+    assert run[run.index("--benchmark") + 1] == "stemdl", "the default benchmark, named explicitly"
+    proc = launch("mpirun.sh", "--dry-run", "--", "--benchmark", "other", tmp_path=tmp_path)
+    assert proc.returncode != 0 and "STEMDL_BENCHMARK" in proc.stderr and "+ " not in proc.stdout
+    proc = launch("mpirun.sh", "--dry-run", tmp_path=tmp_path, STEMDL_BENCHMARK="../x")
+    assert proc.returncode != 0 and "STEMDL_BENCHMARK" in proc.stderr
 
 
 def test_slurm_dry_run(tmp_path):

@@ -35,12 +35,13 @@ class Outcome:
 
 
 def metrics_document(s: Session, result: Result) -> dict:
-    """The metrics file: the run's figures, its history and the last evaluation's details (no JSON in JSON)."""
+    """The metrics file: the run's figures, its history and the last evaluation (its metrics, then its
+    details, e.g. per-class scores; no JSON in JSON)."""
     w = s.workload
     doc = {"benchmark": w.name, "target_metric": w.target_metric, "status": result.status,
            "time_to_train_min": result.minutes, "epochs": result.epochs, "target": s.cfg.harness.target,
            "number_of_nodes": s.env.number_of_nodes, "world_size": s.env.world_size, "history": result.history,
-           "final": dict(result.final.details) if result.final is not None else None}
+           "final": {**result.final.metrics, **result.final.details} if result.final is not None else None}
     if result.interrupted:
         doc["interrupted"] = result.interrupted
     if s.resumed:
@@ -142,7 +143,8 @@ def execute(workload, cfg, registry, resume=None) -> Outcome:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--benchmark", metavar="NAME", help="the workload to run (default: stemdl, space groups)")
+    parser.add_argument("--benchmark", metavar="NAME",
+                        help="the registered workload to run (default: the registry's default)")
     parser.add_argument("--config", default="default",
                         help="a preset of the benchmark (default, smoke, reference, ...) or a YAML file "
                              "(default: %(default)s)")

@@ -120,7 +120,7 @@ def test_checksum_mismatch_names_the_source_file_and_removes_the_folder(src, sta
     with pytest.raises(StemdlError):
         staging.stage(root, bad, stage_dir, "kept", keep=True)
     left = staged_files(stage_dir / "stemdl-kept")
-    assert "train/shard_001.bin" not in left and not [f for f in left if f.endswith(".part")]
+    assert "train/shard_001.bin" not in left and not [f for f in left if f.endswith(".partial")]
 
 
 def test_size_mismatch_and_missing_source_are_one_line_errors(src, stage_dir):

@@ -2,6 +2,7 @@
 
     write_atomic(path, text_or_bytes)                      # configs, metrics, reports, summaries
     write_atomic(path, data, durable=True)                 # fsync first: manifests, sidecars, checkpoints
+    write_atomic(path, data, replace=False)                # FileExistsError rather than replace a file
     with atomic_path(path) as tmp: np.save(tmp, arrays)    # for writers that want a path of their own
     tmp = partial_path(path); ...; commit(tmp, path)       # a file written over many calls (shards)
 
@@ -37,26 +38,32 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def commit(tmp: Path | str, path: Path | str, durable: bool = False) -> None:
-    """Rename the finished temporary file over `path`; `durable`: its bytes and the rename reach the disk."""
+def commit(tmp: Path | str, path: Path | str, durable: bool = False, replace: bool = True) -> None:
+    """Rename the finished temporary file over `path`; `durable`: its bytes and the rename reach the disk.
+    `replace=False` never replaces a file: FileExistsError if `path` exists, even if another process has
+    just made it (a hard link, then the temporary name goes)."""
     if durable:
         _fsync(Path(tmp))
-    os.replace(tmp, path)
+    if replace:
+        os.replace(tmp, path)
+    else:
+        os.link(tmp, path)
+        os.unlink(tmp)
     if durable:
         _fsync(Path(path).parent)
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path | str, durable: bool = False):
+def atomic_path(path: Path | str, durable: bool = False, replace: bool = True):
     """A temporary path to write; renamed to `path` when the block ends without an error, removed if not."""
     tmp = partial_path(path)
     try:
         yield tmp
-        commit(tmp, path, durable)
+        commit(tmp, path, durable, replace)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic(path: Path | str, data: str | bytes, durable: bool = False) -> None:
-    with atomic_path(path, durable) as tmp:
+def write_atomic(path: Path | str, data: str | bytes, durable: bool = False, replace: bool = True) -> None:
+    with atomic_path(path, durable, replace) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)

@@ -50,13 +50,12 @@ import heapq
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from stemdl.harness import dist
+from stemdl.harness import dist, files
 from stemdl.harness.errors import DataError, StemdlError
 from stemdl.harness.progress import Progress
 
@@ -254,15 +253,11 @@ def _stage_file(src: Path, dst: Path, size: int, sha: str | None, buffer: bytear
     if _has_size(dst, size) and (sha is None or _sha256(dst, buffer) == sha):
         return False
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{socket.gethostname()}-{os.getpid()}.part")
-    try:
+    with files.atomic_path(dst) as tmp:
         digest = _copy_bytes(src, tmp, size, sha is not None, buffer)
         if sha is not None and digest != sha:
             raise DataError(src, f"sha256 {digest[:16]}... differs from the manifest's {sha[:16]}... "
                                  f"(changed or damaged since it was listed)")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)  # after os.replace there is nothing left to remove
     return True
 
 
@@ -314,13 +309,13 @@ def _agree(env, owner: bool, problem: str | None, node_stats: tuple[int, int, in
 
 
 def _print_summary(per_node, root: Path) -> None:
-    for node_rank, (bytes_, files, kept, seconds) in enumerate(per_node):
+    for node_rank, (bytes_, copied, kept, seconds) in enumerate(per_node):
         also = f" ({kept} already there)" if kept else ""
-        print(f"staging: node {node_rank} copied {files} files{also}, {_size_text(bytes_)} in {seconds:.1f} s "
+        print(f"staging: node {node_rank} copied {copied} files{also}, {_size_text(bytes_)} in {seconds:.1f} s "
               f"({_size_text(bytes_ / max(seconds, 1e-9))}/s) to {root}", file=sys.stderr, flush=True)
     if len(per_node) > 1:
-        total, files = sum(n[0] for n in per_node), sum(n[1] for n in per_node)
-        print(f"staging: {len(per_node)} nodes copied {files} files, {_size_text(total)} in "
+        total, copied = sum(n[0] for n in per_node), sum(n[1] for n in per_node)
+        print(f"staging: {len(per_node)} nodes copied {copied} files, {_size_text(total)} in "
               f"{max(n[3] for n in per_node):.1f} s (slowest node)", file=sys.stderr, flush=True)
 
 

@@ -25,11 +25,10 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from stemdl import __version__
-from stemdl.harness import mlperf
+from stemdl.harness import files, mlperf
 from stemdl.harness.errors import StemdlError
 
 # The fields mlperf_logging's system_desc_checker requires (hpc and training share the list), in its order.
@@ -245,22 +244,10 @@ def operating_system() -> str:
 def write(desc: dict, path: Path, force: bool = False) -> Path:
     """Write desc atomically; an existing file is kept (StemdlError) unless force."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(desc, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if path exists, even if another process just made it
+        files.write_atomic(path, json.dumps(desc, indent=2) + "\n", durable=True, replace=force)
     except FileExistsError:
         raise StemdlError(f"{path} exists; pass --force to replace it") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

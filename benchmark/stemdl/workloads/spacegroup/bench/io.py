@@ -4,35 +4,14 @@
     stemdl bench io --samples 640 --steps 20 --json io.json
     stemdl bench io --shards /scratch/shards64         # an existing conversion (made with --size 64)
 
-Every figure is samples/s and MB/s (10^6 bytes) of the training split (the first --samples of it):
-
-1. the limit: the same bytes read sequentially, from the page cache (read twice, the second timed) and
-   from disk (evicted first with posix_fadvise DONTNEED, checked with mincore(2); /proc/sys/vm/drop_caches
-   only if that left pages behind): the raw .h5 files in 8 MiB chunks, every cbed_stack by h5py
-   read_direct, and the shards' .images.npy files;
-2. raw HDF5 -> preprocessing through the `torch` pipeline (what `stemdl run` does on raw data);
-3. converted shards through the `torch` pipeline (read in the training process), 4. through the `dali`
-   pipeline (DALI's CPU ops without a GPU), each also as a fraction of the row-1 page-cache limit for
-   shard bytes (target: 0.8). Memory speed on a shared VM drifts 2x within minutes, so these are paired:
-   --rounds rounds of the shards' limit followed by the gathers and rows 3 and 4 (in alternating order),
-   each judged against its own round's limit, and the median round of each row is reported (the limit
-   rows show the fastest round). Rows 3 and 4 read epochs of --epoch-samples (the n samples repeated; a
-   rank's epoch of the public set on 8 ranks), after one untimed epoch (a run's first, with a fresh
-   pipeline's one-time costs). For reference: the shards' batch gathers alone (`split.read`, no
-   pipeline), the same batches through DataLoader worker processes (what `torch` does not do for shards,
-   and why), and the `memory` pipeline;
-5. the real training step (`stemdl.harness.loop.train_epoch`: to_input, augment, forward, loss, backward,
-   AdamW), on batches already in memory, then pulling from the `memory`, `torch` and `dali` (each of
-   --step-workers threads) pipelines on the shards, and from `torch` on the raw HDF5 (--workers). Target:
-   a step with a loader within 5 % of the in-memory one.
-
-Step times come from the real `train_epoch`, handed a pipeline that notes the time at each request for a
-batch: one interval is the wait for the batch plus the step. Each measurement builds a fresh pipeline and
-model and times --steps / --rounds steps after --warmup; its first wait is the pipeline starting an epoch
-(forking DataLoader workers), shared out over an epoch's steps in "epoch ms", which the 5 % target reads.
-Every configuration is measured --rounds times in alternating order (ABC CBA ABC), so that load drifting
-on a shared machine favours none. The figures are printed, never judged by the exit status; progress and
-notes go to stderr.
+Samples/s and MB/s (10^6 bytes) of the training split (the first --samples of it): 1. the read limit, from
+the page cache and from disk; 2. raw HDF5 through the `torch` pipeline; 3. and 4. the shards through `torch`
+and `dali`, each as a fraction of the shards' page-cache limit (target: SHARD_TARGET); 5. the real training
+step (`stemdl.harness.loop.train_epoch`) on batches held in memory and fed by each pipeline (target: within
+STEP_TARGET of the in-memory step). Memory speed on a shared machine drifts within minutes, so the limit
+and rows 3 and 4 are measured in --rounds paired rounds, and each step configuration --rounds times in
+alternating order. The figures are printed, never judged by the exit status; progress and notes go to
+stderr. What each row measures, and how: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -54,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stemdl.harness import files
 from stemdl.harness.errors import StemdlError
 from stemdl.harness.progress import Progress
 
@@ -469,9 +449,9 @@ class Inputs:
 
     def raw_files(self) -> tuple[list[Path], int]:
         """The .h5 files holding the n samples, and how many samples those files hold."""
-        files = np.unique(self.index.file_index[self.rows])
-        held = np.diff(self.index.file_start)[files]
-        return [self.index.root / self.index.files[k] for k in files], int(held.sum())
+        numbers = np.unique(self.index.file_index[self.rows])
+        held = np.diff(self.index.file_start)[numbers]
+        return [self.index.root / self.index.files[k] for k in numbers], int(held.sum())
 
     def shard_files(self) -> tuple[list[Path], int]:
         """The .images.npy files holding the n samples, and how many samples those files hold."""
@@ -571,11 +551,11 @@ def paired_rounds(inp: Inputs, cfg, env, args, jobs: list) -> list[Rate]:
 
 
 def throughput(inp: Inputs, cfg, env, args, bar: Progress) -> list[Rate]:
-    files, held = inp.raw_files()
+    h5_files, held = inp.raw_files()
     samples = [(str(inp.index.file_path(i)), inp.index.group_name(i)) for i in inp.rows]
     _note("row 1: sequential reads, page cache then disk")
-    rates = limit_rows("raw .h5 files, 8 MiB reads", files, held, read_files, files)[0]
-    rates += limit_rows("cbed_stack, h5py read_direct", files, inp.n, read_stacks, samples)[0]
+    rates = limit_rows("raw .h5 files, 8 MiB reads", h5_files, held, read_files, h5_files)[0]
+    rates += limit_rows("cbed_stack, h5py read_direct", h5_files, inp.n, read_stacks, samples)[0]
     bar.update(1)
     pixels = int(np.prod(inp.shard_train.image_shape))
     shard = pixels * inp.shard_train.dtype.itemsize
@@ -691,12 +671,7 @@ def header(host: dict, inp, args, cfg, env) -> list[str]:
 
 
 def write_json(path: Path, report: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    files.write_atomic(path, json.dumps(report, indent=1) + "\n")
 
 
 # ---- the command ----------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ import numpy as np
 
 from stemdl.workloads.spacegroup.data import layout
 from stemdl.workloads.spacegroup.data.reader import DataFile, data_files, default_workers, imap_files
+from stemdl.harness import files
 from stemdl.harness.errors import DataError
 
 INDEX_NAME = ".stemdl_index.npz"
@@ -138,16 +139,11 @@ class DataIndex:
 
     def save(self, path: Path) -> None:
         """Write atomically: a reader sees the old index or the new one, never half of one."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                version = PLACEHOLDER_VERSION if len(self.placeholders()) else FORMAT_VERSION
-                np.savez(f, version=np.int64(version), root=np.str_(str(self.root)),
-                         files=np.array(self.files, dtype=str),
-                         **{name: getattr(self, name) for name in _FILE_FIELDS + _ENTRY_FIELDS})
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        version = PLACEHOLDER_VERSION if len(self.placeholders()) else FORMAT_VERSION
+        with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, version=np.int64(version), root=np.str_(str(self.root)),
+                     files=np.array(self.files, dtype=str),
+                     **{name: getattr(self, name) for name in _FILE_FIELDS + _ENTRY_FIELDS})
 
     @classmethod
     def load(cls, path: Path, root: Path) -> DataIndex | None:

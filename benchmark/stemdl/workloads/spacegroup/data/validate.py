@@ -27,6 +27,7 @@ import numpy as np
 from stemdl.workloads.spacegroup.data import layout
 from stemdl.workloads.spacegroup.data.reader import (H5_ERRORS, DataFile, data_files, dataset_problems, default_workers, file_key,
                                 h5_reason, imap_files, shape_problem)
+from stemdl.harness import files
 from stemdl.harness.errors import DataError
 
 
@@ -274,13 +275,8 @@ def format_summary(summary: dict) -> list[str]:
 
 def write_json(path: str | os.PathLike, report: Report) -> None:
     """The summary and the bad list as JSON, written under a temporary name then renamed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps({"summary": report.summary, "bad": [asdict(b) for b in report.bad]}, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    files.write_atomic(path, json.dumps({"summary": report.summary, "bad": [asdict(b) for b in report.bad]},
+                                        indent=1))
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

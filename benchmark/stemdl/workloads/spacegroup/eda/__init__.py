@@ -29,6 +29,7 @@ from stemdl.workloads.spacegroup.eda.analysis import Analysis, Options, analyse
 from stemdl.workloads.spacegroup.eda.patterns import CHUNK
 from stemdl.workloads.spacegroup.eda.report import report_files
 from stemdl.workloads.spacegroup.eda.stats import DRAWS
+from stemdl.harness import files
 from stemdl.harness.errors import StemdlError
 
 __all__ = ["Analysis", "Options", "analyse", "configure", "run"]
@@ -107,15 +108,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out(out, args.force)
     index = load_or_build(args.data, workers=opts.workers, quiet=opts.quiet)
-    tmp = out.parent / f".{out.name}.eda-tmp{os.getpid()}"
+    tmp = files.partial_path(out)  # a folder of this process's own, beside the report's
     try:
         tmp.mkdir(parents=True)
         a = analyse(index, opts, tmp / SCRATCH)
         (tmp / SCRATCH).unlink(missing_ok=True)
-        files = report_files(a)
-        for name, data in files.items():
+        report = report_files(a)
+        for name, data in report.items():
             (tmp / name).write_bytes(data)
-        publish(tmp, out, list(files), args.force)
+        publish(tmp, out, list(report), args.force)
     except OSError as exc:
         raise StemdlError(f"{out}: cannot write the report ({exc.strerror or exc})") from None
     finally:

@@ -38,6 +38,7 @@ import yaml
 
 from stemdl import __version__
 from stemdl.workloads.spacegroup.data import layout
+from stemdl.harness import files
 from stemdl.harness.errors import StemdlError
 from stemdl.harness.progress import Progress
 
@@ -294,9 +295,7 @@ def sha256(path: Path) -> str:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    files.write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def open_output(out: Path, cfg: SynthConfig) -> dict:
@@ -377,16 +376,12 @@ def _write_files(out, todo, tasks, manifest, workers, quiet) -> None:
             for split, number, indices in todo:
                 path = file_path(out, split, number)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.partial")
-                with h5py.File(tmp, "w") as h5:
+                with files.atomic_path(path, durable=True) as tmp, h5py.File(tmp, "w") as h5:
                     for index in indices:
                         _, got, stack, record = next(results)
                         assert got == index, "results arrive in task order"
                         layout.write_sample(h5, f"sample_{index}_0", stack, record)
                         bar.update(1)
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
                 rel = str(path.relative_to(out))
                 manifest["files"][rel] = {"samples": len(indices), "sha256": sha256(path)}
                 write_json_atomic(out / MANIFEST, manifest)

@@ -24,7 +24,7 @@ from stemdl.workloads.spacegroup.data import layout
 from stemdl.workloads.spacegroup.data.index import load_or_build
 from stemdl.workloads.spacegroup.data.reader import DataFile, read_record
 from stemdl.cli import main
-from stemdl.workloads.spacegroup.data.screen import (STALE_PLACEHOLDER, ScreenResult, decide, duplicates, expected_shape, file_owners,
+from stemdl.workloads.spacegroup.data.screen import (STALE_PLACEHOLDER, ScreenResult, decide, expected_shape, file_owners,
                                 merge, screen, screen_distributed, screen_part)
 from stemdl.harness.errors import DataError, StemdlError
 
@@ -149,7 +149,7 @@ def test_samples_the_scan_cannot_decode_are_left_out_with_their_reason(undecodab
     keep = decide(result, len(rows), skip_bad=True, max_bad=0.2)
     assert rows[keep].tolist() == np.setdiff1d(rows, index.placeholders()).tolist()
     assert (index.label[rows[keep]] > 0).all()
-    with pytest.raises(StemdlError, match=r"^2 of 12 samples \(16.7 %\) are bad, above the --max-bad 1 % limit; "
+    with pytest.raises(StemdlError, match=r"^2 of 12 samples \(16.7 %\) are bad, above the max_bad 1 % limit \(--set max_bad=F\); "
                                           f"first: {re.escape(f'{file}:{group}: {reason}')}$"):
         decide(result, len(rows), skip_bad=True)
     with pytest.raises(DataError, match=f"^{re.escape(f'{file}:{group}: {reason}{HINT}')}$"):
@@ -201,8 +201,6 @@ def test_duplicate_names_across_files_of_a_split(data):
     with h5py.File(data / "dev" / "batch_dev_0.h5", "r+") as h5:  # the same name in another split is fine
         h5.copy(h5["sample_0_0"], h5, name="sample_1_0")
     index = _index(data)
-    assert duplicates(index) == [("sample_1_0", str(data / TRAIN), str(later))]
-    assert duplicates(index, "train") == duplicates(index) and duplicates(index, "dev") == []
     result = _screen(index)
     assert result.bad == [(str(later), "sample_1_0", f"duplicate sample name, also in {data / TRAIN}")]
     assert index.group_name(2) == "sample_1_0" and np.flatnonzero(~result.keep).tolist() == [2]
@@ -250,7 +248,7 @@ def test_skip_bad_keeps_the_rest_up_to_the_limit():
     assert np.flatnonzero(~keep).tolist() == [3, 150] and result.count() == 2
     with pytest.raises(StemdlError) as err:
         decide(_result(200, [3, 7, 150]), 200, skip_bad=True)
-    assert str(err.value) == ("3 of 200 samples (1.5 %) are bad, above the --max-bad 1 % limit; first: "
+    assert str(err.value) == ("3 of 200 samples (1.5 %) are bad, above the max_bad 1 % limit (--set max_bad=F); first: "
                               "d/batch_train_0.h5:sample_3_0: cbed_stack has 1 non-finite values (NaN or inf)")
     assert decide(_result(200, [3, 7, 150]), 200, skip_bad=True, max_bad=0.02).sum() == 197
     assert decide(_result(200, []), 200, skip_bad=False).all()
@@ -262,7 +260,7 @@ def test_skip_bad_on_damaged_data(data):
         DAMAGE["negative"][0](h5)
     result = _screen(index)
     assert decide(result, 3, skip_bad=True, max_bad=0.5).tolist() == [True, False, True]
-    with pytest.raises(StemdlError, match=r"^1 of 3 samples \(33.3 %\) are bad, above the --max-bad 1 % limit; "
+    with pytest.raises(StemdlError, match=r"^1 of 3 samples \(33.3 %\) are bad, above the max_bad 1 % limit \(--set max_bad=F\); "
                                           f"first: {data / TRAIN}:sample_1_0: cbed_stack has 3 negative"):
         decide(result, 3, skip_bad=True)
     with pytest.raises(DataError, match=r"\(use --skip-bad to leave out up to 50 % bad samples\)$"):

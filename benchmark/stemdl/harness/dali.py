@@ -1,52 +1,20 @@
-"""The DALI input pipeline: images in the harness's order, normalized by DALI on the GPU, as torch tensors.
+"""The DALI input pipeline: a split's input in the harness's order, as torch tensors, normalized by DALI on a GPU.
 
-    feed = DaliBatches(split, batch_size=64, device_id=env.local_rank)   # device_id=None: DALI's CPU ops
-    for x, y, t in feed.epoch(shard.train_shard(len(split), seed, epoch, rank, world, 64)): ...
-    for x, y, t, mask in feed.epoch(*shard.eval_shard(len(split), rank, world, 64)): ...
-    x = x if feed.normalized else normalize(x)
+    feed = DaliBatches(split, 64, device_id=env.local_rank,        # device_id=None: DALI's CPU ops
+                       normalization=workload.input_normalization)
+    for x, fields in feed.epoch(sharding.train_shard(len(split), seed, epoch, rank, world, 64)): ...
+    for x, fields, mask in feed.epoch(*sharding.eval_shard(len(split), rank, world, 64)): ...
 
-On a GPU, x is float32 (B, 3, S, S), already `stemdl.workloads.spacegroup.preprocess.normalize`d, and x, y and t are on
-cuda:device_id. On the CPU (device_id=None) x keeps the stored dtype and values (uint8 or float16 in 0..255)
-and `normalized` is False: the training step normalizes, as it does for the torch pipelines. On a CPU the
-two would run on the same device, and DALI's float32 would be 4 bytes a pixel to copy into torch instead
-of 1 (measured: 0.9 against 2.5 GB/s of shard bytes at 64x64, batch 64). y is int64 class indices (B,),
-t float32 targets (B, 6), mask bool (B,), False on evaluation padding, always on the CPU. `split` is
-anything with `.read(indices) -> (B, 3, S, S)` uint8 or float16 in 0..255, `.labels` (int64 class index,
-(n,)), `.targets` (float32 (n, 6)), `.dtype` and `.image_shape`: a split of `stemdl.harness.shards`, whose
-`read(indices, out=buffer)` (`reads_into`) fills a buffer the source reuses.
+On a GPU, x and fields are on cuda:device_id, and x is float32 of the split's input shape, normalized
+with the workload's (mean, std) (`Workload.input_normalization`; `normalized` is True). On the CPU, or
+with no normalization given, x keeps the stored uint8 or float16 values (0..255) and the step normalizes,
+as for the torch pipelines. mask (False on evaluation padding) stays on the CPU. `split` is as in
+`stemdl.harness.pipelines`.
 
-The order is the harness's, never DALI's: `stemdl.harness.sharding` decides which samples each rank sees in
-which batch, so one external_source (batch mode) pulls the images of the next `group` batches of the order
-with one `split.read` and raises StopIteration at the end of the epoch's order. A DALI sample is one whole
-training batch (layout FCHW, F the batch): DALI's cost is per run and per sample (~5 us a sample fed one by
-one), so one run carries `group` batches (default: GROUP_BYTES of images, at least one batch) and the
-iterator's (group, B, 3, S, S) output is handed on a batch at a time, as views. Only images go through
-DALI: the labels and targets of batch k are `order[k*B:(k+1)*B]`'s, taken by the harness.
-The source passes its arrays without a copy (`no_copy`), from a ring of `prefetch + 2` buffers it reuses
-(or, for splits that cannot read into a buffer, the last `prefetch + 2` arrays kept alive), longer than
-DALI holds them: DALI copies them into its own output, which the plugin hands to torch without a copy
-(DALI's dynamic executor). That is two copies of every byte against the `torch` pipeline's one, which is
-why DALI's CPU ops stay below `torch` on shards (docs/performance.md). On a GPU, DALI copies the images to
-the device (`.gpu()`) and normalizes them there with crop_mirror_normalize (mean NORM_MEAN * 255, std
-NORM_STD * 255, layout FCHW kept), which takes float16 input too and computes in float32. The pipeline is
-built once; each epoch points the source at a new order and resets it. A DALI iterator cannot be reset
-mid-epoch and its pipeline holds up to `prefetch` runs read ahead, so when an epoch was abandoned (a run
-stopped by a signal) the next `epoch()` stops the source, drains those runs and then resets; after an error
-the pipeline is rebuilt.
-
-The callback runs in the caller's thread when the iterator asks for a run, `prefetch` runs ahead; on
-a GPU that thread only queues the training step's kernels, so the read overlaps the GPU's work. DALI's
-parallel external_source (forked Python workers, batches through shared memory) is not offered: its workers
-fork when the pipeline is built, so each epoch's order would have to travel through shared memory, and on
-the project's 2-core machine (2,000 memory-mapped uint8 samples, batch 64) it showed no consistent gain
-over the plain callback (0.3x to 2.5x of its speed across repeated runs, below 1x in most).
-
-GPU Direct Storage (`fn.readers.numpy(device="gpu")`) is not offered either: it reads one sample per .npy
-file in its own order (its `files` list is fixed when the pipeline is built), so following the harness's
-order would take a pipeline rebuild every epoch and 187,155 files of 48 KiB (uint8, 128x128) on the
-parallel file system, where opening a file costs more than GDS saves on a read that small. The converted
-public set is 9.2 GB, so a rank's shards fit in node memory or local storage, and a batch is a 3 MiB
-host-to-device copy that DALI's prefetch overlaps with training.
+The order is the harness's, never DALI's: one batch-mode external_source reads the next `group` batches of
+the order with one `split.read`, and a DALI sample is a whole training batch, because DALI's cost is per
+run and per sample. Only the input goes through DALI; the harness takes each batch's fields. Why, what it
+costs, and why DALI's parallel source and GPU Direct Storage are not offered: docs/performance.md.
 """
 
 from __future__ import annotations

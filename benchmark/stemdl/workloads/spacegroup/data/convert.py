@@ -4,35 +4,14 @@
     stemdl convert data/real /scratch/shards64 --size 64 --dtype float16 --splits train,dev
     mpiexec -n 8 stemdl convert data/real /lustre/shards128 --skip-bad    # the ranks share out the files
 
-Training at 128x128 from the 512x512 float32 originals (3 MiB a sample) reads 64x the bytes it uses, so
-the timed run's preprocessing (`Preprocess(size, floor, ceiling)`, rounded to uint8 exactly as the raw
-pipeline rounds, or kept as float16) is applied once, here. One shard per input file: the file is the
-unit of work, of parallelism (ranks, then `--workers` processes per rank, balanced by sample count) and
-of resumption.
-
-Resuming. DST/convert.json records the source and the preprocessing before anything else is written.
-Each shard's files are written under temporary names, fsynced and renamed, then its sidecar
-`NNNNN.done.json` (the shard's manifest entry, the source file's size and mtime_ns, the preprocessing).
-Running the same command again skips every shard whose sidecar matches and whose files have their
-recorded sizes, removes stray temporary files and converts the rest; rank 0 writes manifest.json last.
-A DST made from another SRC or with other preprocessing, or a non-empty folder that is not a shard
-folder, is refused. The manifest lists the splits of the last run (`--splits`); one DST per command at
-a time.
-
-Bad samples (what `DataFile.record`/`.stack` and `stemdl validate` detect: bad attributes, wrong shape or
-dtype, NaN, inf or negative values) stop the conversion with one line naming file:group (exit 2); the
-finished shards stay for a resume. With --skip-bad they are left out and listed in the manifest's
-"skipped", unless they are more than --max-bad of the samples. An unreadable file stops it either way.
-
-Speed and size: the preprocessing dominates (about 10 ms a 512x512 sample on one core, 6.5 ms of it the
-log and the resize), so a worker converts about 90 samples/s. With the public set's 187,155 samples the
-shards take 8.6 GiB at 128x128 uint8, 17.2 GiB at float16, and 2.2 / 4.3 GiB at 64x64 (summary lines
-give the figures for each conversion).
-
-Under MPI each rank converts its own files; the ranks then exchange their outcomes, so an error on one
-rank ends every rank with the same line (the other ranks finish their files first: nothing is lost for
-the resume). SIGTERM or SIGINT stops cleanly: no partial file under a final name, exit 143 or 130, and
-under MPI every rank ends.
+Training at 128x128 from the 512x512 float32 originals reads 64x the bytes it uses, so the run's
+preprocessing (`Preprocess`, rounded to uint8 as the raw pipeline rounds, or kept as float16) is applied
+once, here. One shard per input file: the file is the unit of work, of parallelism (ranks, then
+`--workers` processes per rank) and of resumption (a finished shard has a sidecar, and the same command
+run again converts the rest). A bad sample stops the conversion with one line naming file:group (exit 2);
+with --skip-bad it is left out and listed in the manifest, up to --max-bad. Under MPI an error on one rank
+ends every rank with the same line; SIGTERM or SIGINT stops cleanly (exit 143 or 130). Resumption, bad
+samples and what a conversion costs, in full: docs/performance.md.
 """
 
 from __future__ import annotations

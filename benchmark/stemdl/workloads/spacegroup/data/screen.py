@@ -1,33 +1,19 @@
 """Screening the samples a run will read, before the clock starts, and the `--skip-bad` verdict.
 
-    index = load_or_build(root, skip_bad=cfg.skip_bad)               # placeholders for undecodable samples
+    index = load_or_build(root, skip_bad=cfg.harness.skip_bad)       # placeholders for undecodable samples
     rows = np.concatenate([index.select("train"), index.select("dev")])
     result = screen_distributed(index, rows, pixels=True, rank=env.rank, world_size=env.world_size,
                                 quiet=not env.is_root)             # or, on one process: screen(index, rows, ...)
     keep = decide(result, len(rows), skip_bad=False)                 # raises for the first bad sample
     keep = decide(result, len(rows), skip_bad=True)                  # or leaves out up to 1 % of them
-    rows = rows[keep]                                                # result.count() samples left out
 
-Why: the `stream` pipeline reads its samples during the timed run, so a NaN or an unreadable group met
-there would end the run mid-clock. The screen checks every sample the run will read with the validator's
-own per-sample checks (`validate.check_sample`): always the attributes (a full decode) and the dataset's
-presence, dtype and shape, which cost no image reads; with `pixels=True` also the intensities (NaN, Inf,
-negative), which means reading every stack, the expensive part, so it runs in parallel over files and, in
-a run, over ranks (each screens a contiguous run of files; the results are gathered on every rank). The
-expected shape is the most common one among the screened rows. The later copies of a sample name that
-occurs in two files of one split are bad too (`duplicates`). A file that cannot be opened is one entry
-(group None) and all its samples are left out.
-
-The index scan (`load_or_build`, on rank 0 during init; `dist.on_root` raises its error on every rank,
-before the clock) decodes every sample's attributes and dataset shape. Strict, it raises a `DataError` for
-the first file it cannot open and the first sample with bad attributes, without `cbed_stack`, or with a
-dtype other than float32 or a shape other than (3, H, W). With `skip_bad` it keeps such a sample as a
-placeholder entry (label 0): the screen decodes it again like any other, so it is reported with its real
-reason, left out and counted against `max_bad`; a placeholder that now decodes cleanly is left out too
-(only a strict rescan can give it a label). A file the scan cannot open stays fatal either way. The screen
-also finds what the scan does not look at: values, shapes unlike the rest, duplicate names, and files that
-became unreadable after the index was saved (chmod keeps a file's size and mtime, so the saved index is
-reused without a rescan).
+Why: the `torch` and `dali` pipelines read raw samples during the timed run, where a NaN or an unreadable
+group would end the run mid-clock. The screen runs the validator's per-sample checks
+(`validate.check_sample`) on every sample the run will read: attributes, dtype and shape always, and the
+intensities with `pixels=True`, the expensive part, in parallel over files and ranks. Later copies of a
+sample name in another file of the split are bad too. With `skip_bad` (`stemdl run --skip-bad`) bad samples
+are left out, up to `max_bad` of them (`--set max_bad=0.05` or a config file; default 1 %). What the
+screen finds that the index scan does not: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -156,11 +142,11 @@ def screen_part(index, rows: np.ndarray, *, pixels: bool, rank: int = 0, world_s
 
 # ---- combining ------------------------------------------------------------------------------------------
 
-def _repeats(index, split: str | None = None) -> list[tuple[int, int]]:
+def _repeats(index) -> list[tuple[int, int]]:
     """(entry of a later copy, file number of the first copy) for every sample name that occurs in more
     than one file of a split. Names are unique within a split of the real set: a repeat means a file
     copied or mixed in twice, and training on both copies would count the sample twice."""
-    wanted = np.arange(len(index)) if split is None else index.select(split)
+    wanted = np.arange(len(index))
     first: dict[tuple[int, bytes], int] = {}
     found = []
     for i, code, k, name in zip(wanted.tolist(), index.split[wanted].tolist(),
@@ -169,12 +155,6 @@ def _repeats(index, split: str | None = None) -> list[tuple[int, int]]:
         if seen != k:
             found.append((i, seen))
     return found
-
-
-def duplicates(index, split: str | None = None) -> list[tuple[str, str, str]]:
-    """(sample name, file of its first copy, file of a later copy), for every later copy, in index order."""
-    return [(index.group_name(i), _file_name(index, k), _file_name(index, index.file_index[i]))
-            for i, k in _repeats(index, split)]
 
 
 def merge(index, rows: np.ndarray, parts: Sequence[ScreenPart]) -> ScreenResult:
@@ -251,5 +231,5 @@ def decide(result: ScreenResult, total: int, skip_bad: bool, max_bad: float = MA
     if share > max_bad:
         first = str(DataError(file, reason, group))
         raise StemdlError(f"{result.count()} of {total} samples ({100 * share:.1f} %) are bad, above the "
-                          f"--max-bad {_percent(max_bad)} limit; first: {first}")
+                          f"max_bad {_percent(max_bad)} limit (--set max_bad=F); first: {first}")
     return result.keep

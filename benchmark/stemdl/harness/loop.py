@@ -32,7 +32,7 @@ from stemdl.harness import checkpoint, dist, energy, files, mlperf
 from stemdl.harness import config as config_mod
 from stemdl.harness import data as data_mod
 from stemdl.harness.pipelines import Feed, build_pipeline
-from stemdl.harness.signals import Interrupted, StopSignal
+from stemdl.harness.signals import StopSignal
 from stemdl.harness.workload import Evaluation, StepContext
 
 

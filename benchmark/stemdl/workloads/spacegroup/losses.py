@@ -1,6 +1,6 @@
 """Training losses for the imbalanced space groups, chosen by name from LOSSES (config key `loss`).
 
-    counts = class_counts(train_labels)                      # (230,) from the TRAINING split's index
+    counts = layout.class_counts(train_labels)               # (230,) from the TRAINING split's labels
     criterion = build_loss("class_balanced", counts, cb_beta=0.9999).to(device)
     loss = criterion(model(x), y, epoch)                     # scalar: the mean over the batch
 
@@ -34,14 +34,6 @@ import torch.nn.functional as F
 from stemdl.harness.errors import StemdlError
 
 DRW_FRACTION = 0.2  # drw re-weights the last 20 % of the epoch budget, as Cao et al. (160 of 200 epochs)
-
-
-def class_counts(labels: np.ndarray, num_classes: int = 230) -> np.ndarray:
-    """Training samples per class (int64, (num_classes,)) from class indices (space group - 1)."""
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or (labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
-        raise StemdlError(f"class labels must be a list of indices in 0..{num_classes - 1}")
-    return np.bincount(labels.astype(np.int64), minlength=num_classes)
 
 
 def normalized_weights(raw: np.ndarray, counts: np.ndarray) -> np.ndarray:

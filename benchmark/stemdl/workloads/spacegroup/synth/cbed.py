@@ -426,14 +426,15 @@ def render(structure, spec: PatternSpec, rng=None, refl: Reflections | None = No
         idx = np.where(ok, rows * N + cols, 0)
         flat += np.bincount(idx.ravel(), weights=np.where(ok, val, 0).ravel(), minlength=N * N)
 
-    img = flat.reshape(N, N)
-    if spec.dose is not None:
-        rng = np.random.default_rng(rng)
-        counts = rng.poisson(img * (float(spec.dose) / img.sum()))
-        if counts.sum() > 0:
-            img = counts.astype(np.float64)
+    img = flat.reshape(N, N) if spec.dose is None else _counted(flat.reshape(N, N), float(spec.dose), rng)
     img = (img / img.sum()).astype(np.float32)
     return img, frame.y_hat.copy()
+
+
+def _counted(img: np.ndarray, dose: float, rng) -> np.ndarray:
+    """Poisson counts of `dose` electrons spread as `img`; `img` itself if not one electron arrived."""
+    counts = np.random.default_rng(rng).poisson(img * (dose / img.sum()))
+    return counts.astype(np.float64) if counts.sum() > 0 else img
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -384,3 +384,18 @@ def test_malformed_mllog_line_is_a_failure_naming_the_line_not_a_traceback(tmp_p
     ok, messages = check_log(bad)
     assert not ok and messages == [
         'line 2 lacks time_ms, event_type, value, metadata: :::MLLOG {"namespace": "", "key": "run_start"}']
+
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "reference_logs"
+REFERENCE_LOGS = sorted(REFERENCE_DIR.rglob("result_*.txt"))
+
+
+@pytest.mark.parametrize("log", REFERENCE_LOGS, ids=lambda p: str(p.relative_to(REFERENCE_DIR)))
+def test_every_reference_log_passes_and_reached_its_target(log):
+    verdict = check.check_log(log, REGISTRY)
+    assert verdict.passed, verdict.messages
+    assert verdict.reached or verdict.division == "open", "a committed closed log converged"
+
+
+def test_the_reference_logs_are_found():
+    assert len(REFERENCE_LOGS) >= 10

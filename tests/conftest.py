@@ -43,3 +43,26 @@ def tiny_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "tiny"
     assert main(["synth", str(out), "--preset", "tiny", "--quiet"]) == 0
     return out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(kib) -> a folder on a file system of that many KiB (a tmpfs), to fill up for real.
+    Unmounted at the end; skips where this user may not mount (not root)."""
+    import subprocess
+
+    mounted = []
+
+    def make(kib: int, name: str = "disk") -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(kib)}k", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip() or proc.returncode})")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

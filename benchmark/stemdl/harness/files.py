@@ -8,17 +8,50 @@
 
 The temporary name is `.<name>.<host>-<pid>.partial`: hidden, never matched by the globs that find results,
 its own for each process (two writers of one name never share a temporary file), and recognised by
-`is_partial`, so that cleanup finds what a killed writer left. On an error the temporary file goes.
+`is_partial`, so that cleanup finds what a killed writer left. On an error the temporary file goes, and a
+failed write (a full disk, a read-only file system) is a StemdlError naming the file.
+
+    check_folder(path, "--log-dir")                        # before any work: made, and writable, or one line
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
+import tempfile
 from pathlib import Path
 
+from stemdl.harness.errors import StemdlError
+
 SUFFIX = ".partial"
+# What a write can fail with that is the storage's doing, not the program's: said in words, as StemdlError.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                          errno.EFBIG})
+
+
+def write_problem(exc: OSError) -> str:
+    """Why a write failed, in words ("no space left on device", "Read-only file system", ...)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on device"
+    return exc.strerror or str(exc)
+
+
+def check_folder(path: Path | str, what: str) -> Path:
+    """`path` as a folder this process can write into (made if absent), or a StemdlError that names it
+    and says why: what a run checks of its output folders before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StemdlError(f"{what} {path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".stemdl-write-test.", dir=path)  # a unique name: no race
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StemdlError(f"{what} {path}: cannot write there ({write_problem(exc)})") from None
+    return path
 
 
 def partial_path(path: Path | str) -> Path:
@@ -60,6 +93,10 @@ def atomic_path(path: Path | str, durable: bool = False, replace: bool = True):
     try:
         yield tmp
         commit(tmp, path, durable, replace)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise StemdlError(f"{path}: cannot write it ({write_problem(exc)})") from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -31,6 +31,7 @@ import torch
 from stemdl.harness import checkpoint, dist, energy, files, mlperf
 from stemdl.harness import config as config_mod
 from stemdl.harness import data as data_mod
+from stemdl.harness.errors import StemdlError
 from stemdl.harness.pipelines import Feed, build_pipeline
 from stemdl.harness.signals import StopSignal
 from stemdl.harness.workload import Evaluation, StepContext
@@ -65,24 +66,58 @@ class Result:
     history: list = field(default_factory=list)  # one entry per evaluation
     final: Evaluation | None = None
     interrupted: str | None = None  # which signal stopped the run, on which ranks
+    diverged: str | None = None  # why a loss or metric that is not finite stopped it
+
+
+class Diverged(StemdlError):
+    """A loss or a logged metric that is not finite, on any rank: every rank stops at the same step."""
 
 
 def stop_requested(s: Session) -> bool:
     return s.stop is not None and s.stop.agreed()
 
 
+def step_agreement(s: Session, bad: str | None) -> bool:
+    """Collective each step (one MPI sum): True when a signal came to any rank. Raises Diverged on every
+    rank when any rank's loss was not finite (`bad`: where, on this rank)."""
+    if s.stop is None:
+        if bad:
+            raise Diverged(bad)
+        return False
+    signalled, diverged = dist.sum_ints([1 if s.stop.signum else 0, 1 if bad else 0])
+    if diverged:
+        ranks = dist.allgather_object(bad)
+        raise Diverged(next(r for r in ranks if r))
+    return signalled > 0
+
+
 # ---------------------------------------------------------------- setup
 
 
 def result_paths(log_dir: Path) -> dict:
-    """result_<i>.txt (the MLLOG) and its companions, with i the first index not taken: never overwrite."""
-    log_dir.mkdir(parents=True, exist_ok=True)
+    """result_<i>.txt (the MLLOG) and its companions, with i the first index none of them takes, claimed
+    by creating the log exclusively: two runs started at once into one folder (a job array) never share
+    an index, and nothing is overwritten."""
+    files.check_folder(log_dir, "--log-dir")
     i = 0
-    while (log_dir / f"result_{i}.txt").exists():
+    while True:
+        stem = log_dir / f"result_{i}"
+        paths = {"log": stem.with_suffix(".txt"), "config": Path(f"{stem}.config.json"),
+                 "metrics": Path(f"{stem}.metrics.json")}
+        if not (paths["config"].exists() or paths["metrics"].exists()):
+            try:
+                os.close(os.open(paths["log"], os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                return paths
+            except FileExistsError:
+                pass
         i += 1
-    stem = log_dir / f"result_{i}"
-    return {"log": stem.with_suffix(".txt"), "config": Path(f"{stem}.config.json"),
-            "metrics": Path(f"{stem}.metrics.json")}
+
+
+def discard_results(paths: dict) -> None:
+    """A run that fails before run_start leaves no result behind: its claimed log and config go."""
+    for path in (paths.get("log"), paths.get("config")):
+        if path is not None:
+            Path(path).unlink(missing_ok=True)
 
 
 def lr_lambda(h, steps_per_epoch: int):
@@ -145,8 +180,17 @@ def resume_state(cfg, env, where) -> dict | None:
 
 
 def open_log(workload, cfg, env) -> tuple[dict, mlperf.MLLogger]:
-    paths = result_paths(Path(cfg.harness.log_dir)) if env.is_root else {}
-    paths = dist.broadcast_object(paths)
+    """Rank 0 claims the result files; every rank learns them, or the reason it could not (all raise)."""
+    claimed = None
+    if env.is_root:
+        try:
+            claimed = result_paths(Path(cfg.harness.log_dir))
+        except StemdlError as exc:
+            claimed = str(exc)
+    claimed = dist.broadcast_object(claimed)
+    if isinstance(claimed, str):
+        raise StemdlError(claimed)
+    paths = claimed
     log = mlperf.MLLogger(paths["log"], env.rank)
     h = cfg.harness
     log.submission_info(workload.name, h.submission_org, division(workload, cfg), h.submission_status,
@@ -180,9 +224,20 @@ def training_session(workload, cfg, env, prepared, pipe) -> Session:
 
 
 def setup(workload, cfg, env, power, resume=None) -> Session:
+    """Init, logged; a failure on the way removes the result files it claimed (rank 0)."""
     if env.device == "cpu":  # ranks on one node share its cores; more threads than cores only thrash
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     paths, log = open_log(workload, cfg, env)
+    try:
+        return _init(workload, cfg, env, power, resume, paths, log)
+    except BaseException:
+        log.close()
+        if env.is_root:
+            discard_results(paths)
+        raise
+
+
+def _init(workload, cfg, env, power, resume, paths, log) -> Session:
     root = workload.ensure_data(cfg, env)  # generating a synthetic set is not part of the benchmark's init
     log.cache_clear()
     log.start(mlperf.INIT_START)
@@ -226,12 +281,14 @@ def average_loss_gradients(loss: torch.nn.Module, world_size: int) -> None:
 
 
 def train_epoch(s: Session, epoch: int) -> dict | None:
-    """The epoch's mean loss and speed; None when a signal stopped it (on every rank at the same step)."""
+    """The epoch's mean loss and speed; None when a signal stopped it (on every rank at the same step).
+    A loss that is not finite raises Diverged on every rank at the next step (its backward still runs:
+    the other ranks' gradients wait for it)."""
     s.model.train()
     generator = torch.Generator().manual_seed(s.cfg.harness.seed * 100003 + epoch * 1009 + s.env.rank)
-    total, count, start = 0.0, 0, time.perf_counter()
-    for x, fields in s.pipe.train_batches(epoch):
-        if stop_requested(s):
+    total, count, start, bad = 0.0, 0, time.perf_counter(), None
+    for step, (x, fields) in enumerate(s.pipe.train_batches(epoch), start=1):
+        if step_agreement(s, bad):
             return None
         inputs, targets = s.workload.training_batch(s.ctx, x, fields, generator)
         with s.ctx.autocast():
@@ -242,8 +299,13 @@ def train_epoch(s: Session, epoch: int) -> dict | None:
         average_loss_gradients(s.built.loss, s.env.world_size)
         s.optimizer.step()
         s.scheduler.step()
-        total += float(loss.detach()) * len(x)
+        value = float(loss.detach())
+        if not math.isfinite(value) and bad is None:
+            bad = f"the training loss is {value} at epoch {epoch}, step {step} on rank {s.env.rank}"
+        total += value * len(x)
         count += len(x)
+    if step_agreement(s, bad):
+        return None
     seconds = time.perf_counter() - start
     return {"loss": total / max(count, 1), "samples_per_s": count * s.env.world_size / max(seconds, 1e-9)}
 
@@ -292,7 +354,11 @@ def run_epoch(s: Session, epoch: int, result: Result, clock) -> bool:
         evaluation = evaluate(s.model, s.pipe, s.built.evaluator(s.ctx), lambda: stop_requested(s))
         if evaluation is None:  # stopped inside the evaluation: no eval_stop
             return False
-        s.log.log_eval(epoch, {key: evaluation[metric] for metric, key in s.workload.log_keys.items()})
+        logged = {key: evaluation[metric] for metric, key in s.workload.log_keys.items()}
+        bad = [f"{key} {value}" for key, value in logged.items() if not math.isfinite(value)]
+        if bad:  # the same on every rank: the sums were all-reduced
+            raise Diverged(f"the evaluation at epoch {epoch} gave {', '.join(bad)}")
+        s.log.log_eval(epoch, logged)
         s.log.end(mlperf.EVAL_STOP, metadata={mlperf.EPOCH_NUM: epoch})
         result.final = evaluation
         result.history.append({"epoch": epoch, **stats, **evaluation.metrics, "elapsed_min": clock()})
@@ -331,17 +397,22 @@ def timed_run(s: Session) -> Result | None:
     clock = _Clock(result.history[-1].get("elapsed_min", 0.0) if result.history else 0.0)
     for epoch in range(first, s.cfg.harness.epochs + 1):
         result.epochs = epoch
-        if not run_epoch(s, epoch, result, clock):
-            result.interrupted = s.stop.reason()
+        try:
+            if not run_epoch(s, epoch, result, clock):
+                result.interrupted = s.stop.reason()
+                break
+        except Diverged as exc:
+            result.status, result.diverged = "aborted", str(exc)
             break
         if result.status == "success" and s.cfg.harness.stop_at_target:
             break
     synchronize(s.env)
     s.power.mark(mlperf.RUN_STOP)
-    if result.interrupted is None:
+    reason = result.interrupted or result.diverged
+    if reason is None:
         s.log.run_stop(result.status)
     else:
-        s.log.end(mlperf.RUN_STOP, metadata={mlperf.STATUS: mlperf.ABORTED, "reason": result.interrupted})
+        s.log.end(mlperf.RUN_STOP, metadata={mlperf.STATUS: mlperf.ABORTED, "reason": reason})
     log_energy(s)
     result.minutes = clock.seconds() / 60
     return result

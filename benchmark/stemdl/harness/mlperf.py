@@ -42,6 +42,7 @@ from mlperf_logging.mllog.constants import (  # noqa: F401
 )
 
 from stemdl.harness.errors import StemdlError
+from stemdl.harness.files import write_problem
 
 # -- Keys and values that mllog.constants lacks (MLPerf HPC ones and stemdl's own). If mllog ever adds one
 #    of these names, tests/test_mlperf.py checks that it means the same string.
@@ -83,7 +84,7 @@ class MLLogger:
         if self.path is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._handlers.append(logging.FileHandler(self.path, mode="a", encoding="utf-8"))
+                self._handlers.append(_StrictFileHandler(self.path, mode="a", encoding="utf-8"))
             except OSError as exc:
                 raise StemdlError(f"{self.path}: cannot open the MLPerf log ({exc.strerror or exc})") from None
         if self.path is None or echo:
@@ -173,6 +174,25 @@ class MLLogger:
             raise TypeError(f"{key}: value or metadata is not JSON-serializable ({exc})") from None
         time_ms = None if self._clock is None else int(self._clock())
         getattr(self._mllog, verb)(key, value, metadata=metadata, time_ms=time_ms)
+        for handler in self._handlers:
+            if isinstance(handler, _StrictFileHandler) and handler.failure is not None:
+                exc, handler.failure = handler.failure, None
+                raise StemdlError(f"{self.path}: cannot write the MLPerf log ({_why(exc)}): the run stops here, "
+                                  f"its log would be incomplete") from None
+
+
+class _StrictFileHandler(logging.FileHandler):
+    """A log line that cannot be written (a full disk) is kept as `failure` for the logger to raise,
+    instead of logging's traceback on stderr and a run that goes on with lines missing."""
+
+    failure: BaseException | None = None
+
+    def handleError(self, record) -> None:  # noqa: N802 (logging's name)
+        self.failure = sys.exc_info()[1]
+
+
+def _why(exc) -> str:
+    return write_problem(exc) if isinstance(exc, OSError) else str(exc)
 
 
 def _pick(value: str | None, env_name: str, default: str) -> str:

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from stemdl.harness import dist, energy, files
 from stemdl.harness import config as config_mod
 from stemdl.harness import data as data_mod
+from stemdl.harness.errors import StemdlError
 from stemdl.harness.loop import Result, Session, setup, timed_run
 from stemdl.harness.signals import Interrupted, StopSignal
 
@@ -44,11 +47,24 @@ def metrics_document(s: Session, result: Result) -> dict:
            "final": {**result.final.metrics, **result.final.details} if result.final is not None else None}
     if result.interrupted:
         doc["interrupted"] = result.interrupted
+    if result.diverged:
+        doc["diverged"] = result.diverged
     if s.resumed:
         doc["resumed_from"] = {"checkpoint": s.resumed["path"], "epoch": s.resumed["epoch"]}
     if s.prepared.skipped:
         doc["bad_samples_skipped"] = s.prepared.skipped
-    return doc
+    return finite(doc)
+
+
+def finite(value):
+    """`value` with every float that is not finite replaced by None: the file stays valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def result_line(s: Session, result: Result) -> str:
@@ -70,6 +86,8 @@ def report(s: Session, result: Result, registry) -> tuple[bool, object]:
 
     files.write_atomic(s.paths["metrics"], json.dumps(metrics_document(s, result), indent=1, allow_nan=False) + "\n")
     print(result_line(s, result), flush=True)
+    if result.diverged:
+        print(f"stemdl: the run stopped: {result.diverged} (run_stop aborted)", flush=True)
     s.log.close()
     if s.resumed:  # the rules reject resumed_from_checkpoint: saying "FAILED" would only confuse
         print(f"stemdl: resumed from {s.resumed['path']} (epoch {s.resumed['epoch']}): the log is marked so and "
@@ -109,9 +127,44 @@ def _finish(session: Session, result: Result | None, stop: StopSignal, registry)
     return compliant, verdict
 
 
+def preflight(cfg, resume=None) -> None:
+    """What the user gave that can be checked before any work: the output folders can be written, the
+    checkpoint to resume exists, and staging has converted shards to copy."""
+    from stemdl.harness import checkpoint
+    from stemdl.harness.shards import is_shard_dir
+
+    h = cfg.harness
+    if resume is not None:
+        checkpoint.resolve(resume)
+    if h.stage_dir and not is_shard_dir(Path(h.data)):
+        raise StemdlError(f"--stage-dir {h.stage_dir}: staging copies converted shards (stemdl convert), and "
+                          f"{h.data} is not a shard folder")
+    files.check_folder(Path(h.log_dir), "--log-dir")
+    for folder, what in ((h.checkpoint_dir, "config key 'checkpoint_dir':"), (h.stage_dir, "--stage-dir")):
+        if folder:
+            files.check_folder(Path(folder), what)
+
+
+def _agreed_preflight(cfg, resume) -> None:
+    """preflight on every rank (a node-local folder may fail on one node only); all raise the first problem."""
+    problem = None
+    try:
+        preflight(cfg, resume)
+    except StemdlError as exc:
+        problem = str(exc)
+    problems = [p for p in dist.allgather_object(problem) if p]
+    if problems:
+        raise StemdlError(problems[0])
+
+
 def execute(workload, cfg, registry, resume=None) -> Outcome:
     """One benchmark run on every rank of this MPI job: setup, the timed run, the report."""
     env = dist.setup()
+    try:
+        _agreed_preflight(cfg, resume)
+    except StemdlError:
+        dist.teardown()
+        raise
     power = energy.PowerSampler(env=env)  # GPU power on each node's first rank (NVML)
     stop = StopSignal(env)
     session, result, verdict, compliant = None, None, None, True
@@ -129,6 +182,11 @@ def execute(workload, cfg, registry, resume=None) -> Outcome:
         if env.world_size > 1:
             dist.abort(128 + exc.signum)
         stop.signum = exc.signum
+    except StemdlError as exc:
+        if session is not None and env.world_size > 1:  # after setup, the other ranks would wait forever
+            print(f"stemdl run: error on rank {env.rank}: {exc}; stopping every rank", file=sys.stderr, flush=True)
+            dist.abort(2)
+        raise
     finally:
         stop.uninstall()
         power.stop()

@@ -243,7 +243,7 @@ def operating_system() -> str:
 
 def write(desc: dict, path: Path, force: bool = False) -> Path:
     """Write desc atomically; an existing file is kept (StemdlError) unless force."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    files.check_folder(path.parent, "system description folder")
     try:
         files.write_atomic(path, json.dumps(desc, indent=2) + "\n", durable=True, replace=force)
     except FileExistsError:

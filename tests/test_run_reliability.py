@@ -153,3 +153,15 @@ def test_settings_that_would_fail_late_are_refused_first(toy, tmp_path, capsys):
     line = last_error_line(capsys)
     assert "--stage-dir" in line and "not a shard folder" in line
     assert not (tmp_path / "stage").exists() and not list((tmp_path / "r").glob("result_*"))
+
+
+def test_an_image_size_the_data_to_generate_cannot_give_is_refused_before_generating(tmp_path):
+    from stemdl.harness.config import load_config
+    from stemdl.harness.errors import StemdlError
+    from stemdl.workloads import REGISTRY
+
+    values = {"harness.data": str(tmp_path / "absent"), "harness.synth_preset": "tiny"}
+    with pytest.raises(StemdlError, match=r"'image_size': 256 is larger than the 128x128 patterns .* 'tiny'"):
+        load_config(REGISTRY["stemdl"], "smoke", {**values, "workload.image_size": 256})
+    assert load_config(REGISTRY["stemdl"], "smoke", {**values, "workload.image_size": 128}).workload.image_size == 128
+    assert not (tmp_path / "absent").exists(), "checking generates nothing"

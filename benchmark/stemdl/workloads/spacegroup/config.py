@@ -77,6 +77,23 @@ def check(cfg) -> None:
     for ok, key, why in rules:
         if not ok:
             raise StemdlError(f"config key {key!r}: {why}")
+    _check_generated_size(cfg, synth_presets())
     check_options(w.loss, label_smoothing=w.label_smoothing, focal_gamma=w.focal_gamma, cb_beta=w.cb_beta,
                   la_tau=w.la_tau, drw_epoch=w.drw_epoch, epochs=h.epochs)
     w.task_weight_map  # noqa: B018 (parses tasks and task_weights: a bad one raises here)
+
+
+def _check_generated_size(cfg, synth_presets: dict) -> None:
+    """A set still to be generated must have patterns at least image_size wide: said now, not after the
+    minutes of generating it."""
+    from pathlib import Path
+
+    from stemdl.workloads.spacegroup.data.layout import IMAGE_SIZE
+
+    h, w = cfg.harness, cfg.workload
+    if not h.synth_preset or Path(h.data).exists():
+        return
+    size = int(synth_presets[h.synth_preset].get("image_size", IMAGE_SIZE))
+    if w.image_size > size:
+        raise StemdlError(f"config key 'image_size': {w.image_size} is larger than the {size}x{size} patterns "
+                          f"the synth preset {h.synth_preset!r} would generate in {h.data}")

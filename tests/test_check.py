@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -384,6 +386,71 @@ def test_malformed_mllog_line_is_a_failure_naming_the_line_not_a_traceback(tmp_p
     ok, messages = check_log(bad)
     assert not ok and messages == [
         'line 2 lacks time_ms, event_type, value, metadata: :::MLLOG {"namespace": "", "key": "run_start"}']
+
+
+def insert_line(path, number, line):
+    """The log with `line` as its line `number`."""
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:number - 1]) + line + "\n" + "".join(lines[number - 1:]))
+    return path
+
+
+@pytest.mark.parametrize("length", [200_000, 5_000_000])
+def test_a_very_long_mllog_line_fails_at_once_naming_the_line(log, length):
+    # The official parser is quadratic in a line's length (200 kB: 35 s): such a line must not reach it.
+    insert_line(simulate(log), 5, ":::MLLOG " + "x" * (length - 9))
+    start = time.perf_counter()
+    ok, messages = check_log(log)
+    assert time.perf_counter() - start < 5  # a hang guard, not a speed target
+    assert not ok and messages == [f"line 5 is {length} characters long (over 65536): not an MLLOG record"]
+
+
+def test_the_line_limit_is_exact_and_applies_to_mllog_lines_only(log, tmp_path):
+    # The token last: the official parser is linear on such a line, so the boundary costs nothing.
+    at_limit = insert_line(simulate(tmp_path / "at.txt"), 3, "x" * (check.MAX_LINE - 9) + ":::MLLOG ")
+    assert "Log line does not parse" in failures(at_limit)
+    over = insert_line(simulate(tmp_path / "over.txt"), 3, "x" * (check.MAX_LINE - 8) + ":::MLLOG ")
+    assert failures(over) == f"line 3 is {check.MAX_LINE + 1} characters long (over 65536): not an MLLOG record"
+    # Other output (a progress bar with no newline) is ignored, as the official parser ignores it.
+    insert_line(simulate(log), 3, "progress " * 1_000_000)
+    assert check_log(log) == (True, [])
+
+
+def test_the_check_command_on_a_long_line_is_a_verdict_not_a_hang(log, capsys):
+    insert_line(simulate(log), 2, ":::MLLOG " + "x" * 199_991)
+    assert run_cli([str(log)]) == 1
+    assert capsys.readouterr().out == (f"{log}: FAILED\n"
+                                       "  - line 2 is 200000 characters long (over 65536): not an MLLOG record\n")
+
+
+def not_files(where: Path) -> dict[str, str]:
+    """Entries named like logs that are no file to read (made under where), and the reason each gives."""
+    where.mkdir(exist_ok=True)
+    (where / "loop.txt").symlink_to(where / "loop.txt")
+    (where / "dangling.txt").symlink_to(where / "absent.txt")
+    (where / "folder.txt").mkdir()
+    os.mkfifo(where / "fifo.txt")  # opened, it would block the check for ever
+    return {"loop.txt": "symbolic link loop", "dangling.txt": "dangling symbolic link",
+            "folder.txt": "not a regular file", "fifo.txt": "not a regular file"}
+
+
+def test_entries_that_are_not_files_are_one_line_errors(tmp_path, capsys):
+    from stemdl import cli
+
+    for name, reason in not_files(tmp_path / "bad").items():
+        path = tmp_path / "bad" / name
+        with pytest.raises(check.UnreadableLog) as exc:
+            check_log(path)
+        assert exc.value.reason == reason and str(exc.value) == f"{path}: cannot read the log ({reason})"
+        assert cli.main(["check", str(path)]) == 2
+        assert capsys.readouterr().err == f"stemdl check: error: {path}: cannot read the log ({reason})\n"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_a_file_without_read_permission_is_a_one_line_error(log):
+    simulate(log).chmod(0)
+    with pytest.raises(check.UnreadableLog, match=r"cannot read the log \(Permission denied\)$"):
+        check_log(log)
 
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "reference_logs"

@@ -10,7 +10,9 @@ import argparse
 import csv
 import json
 import math
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -195,6 +197,50 @@ def test_log_missing_its_target_is_excluded(tmp_path):
     [ex] = summarize(d).excluded
     assert ex["path"].endswith("result_1.txt") and "last_eval" in ex["reason"]
     assert "\n" not in ex["reason"]
+
+
+@pytest.mark.parametrize("length", [200_000, 5_000_000])
+def test_log_with_a_very_long_line_is_excluded_at_once(tmp_path, length):
+    d = copy_runs(ONE_RANK, tmp_path / "logs")
+    log = d / "result_2.txt"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:6]) + ":::MLLOG " + "x" * (length - 9) + "\n" + "".join(lines[6:]))
+    start = time.perf_counter()
+    summary = summarize(d)
+    assert time.perf_counter() - start < 10  # a hang guard (the official parser alone: 35 s at 200 kB)
+    assert summary.excluded == [{"path": str(log), "reason": f"line 7 is {length} characters long "
+                                                              f"(over 65536): not an MLLOG record"}]
+    assert summary.strong[0].runs == 4
+
+
+def test_entries_that_are_not_logs_are_excluded_and_the_report_goes_on(tmp_path, capsys):
+    from stemdl import cli
+
+    d = copy_runs(ONE_RANK, tmp_path / "logs", range(3))
+    (d / "result_3.txt").symlink_to(d / "result_3.txt")
+    (d / "result_4.txt").symlink_to(d / "absent.txt")
+    (d / "result_5.txt").mkdir()
+    os.mkfifo(d / "result_6.txt")  # opened, it would block the report for ever
+    os.mkfifo(d / "result_7.metrics.json")  # beside a good log: not read, the world size is the log's
+    shutil.copy(d / "result_0.txt", d / "result_7.txt")
+    summary = summarize(d)
+    assert [(Path(e["path"]).name, e["reason"]) for e in summary.excluded] == [
+        ("result_3.txt", "cannot read the log (symbolic link loop)"),
+        ("result_4.txt", "cannot read the log (dangling symbolic link)"),
+        ("result_5.txt", "cannot read the log (not a regular file)"),
+        ("result_6.txt", "cannot read the log (not a regular file)")]
+    assert summary.strong[0].runs == 4
+    assert cli.main(["summarize", str(d), "--out", str(tmp_path / "out")]) == 0
+    assert "`: cannot read the log (symbolic link loop)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_a_log_without_read_permission_is_excluded(tmp_path):
+    d = copy_runs(ONE_RANK, tmp_path / "logs", range(3))
+    (d / "result_1.txt").chmod(0)
+    summary = summarize(d)
+    assert [e["reason"] for e in summary.excluded] == ["cannot read the log (Permission denied)"]
+    assert summary.strong[0].runs == 2
 
 
 def json_value(line: str, value) -> str:

@@ -13,14 +13,19 @@ hpc_3.0.0/common.yaml, then {division}_common.yaml, then {division}_{benchmark}.
 benchmarks), and nothing else about the checker changes. A closed log whose evaluations never reached the
 target fails (as the official closed rules make such logs fail), and says so in words: `reached` is False
 and the problems say what was needed and what was best. Exit status: 0 when every log passes, 1 when one
-fails, 2 when a log cannot be read.
+fails, 2 when a log cannot be read. A line over MAX_LINE characters that holds :::MLLOG fails the log
+before the official parser sees it (the parser's cost grows with the square of a line's length).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib
+import itertools
 import json
 import re
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +38,27 @@ from stemdl.harness.rules import RULES_FOLDER, RULESET, USAGE, reaches, rule_fil
 
 ENTRY_RULES = f"{RULES_FOLDER}/common.yaml"
 OFFICIAL_RULES_DIR = Path(mlp_compliance.__file__).resolve().parent
+_OFFICIAL_PARSER = importlib.import_module(f"{mlp_parser.__name__}.ruleset_{RULESET.replace('.', '')}")
+
+# The official parser strips each :::MLLOG line with re.sub(".*:::MLLOG ", ...), quadratic in the line's
+# length (200 kB: 15-35 s; 50 MB: killed after 746 s), and holds a line whole however long it is. Real
+# records are a few hundred characters (a few kB with many GPUs per node); 64 KiB is far above any of
+# them, and a line that long still parses in about a second.
+MAX_LINE = 64 * 1024
+TOKEN = ":::MLLOG"
+
+
+class UnreadableLog(StemdlError):
+    """A log that is no file to read (exit 2 from `stemdl check`); `reason`, in a few words, is what the
+    summarizer lists."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: cannot read the log ({reason})")
+
+
+class _TooLong(Exception):
+    """A line too long to be an MLLOG record: the log fails, without the official parser seeing it."""
 
 
 @dataclass
@@ -119,11 +145,63 @@ def write_rules(workloads, folder: Path) -> list[Path]:
     return written
 
 
-def _parse(path: Path):
+def not_a_file(path: Path) -> str | None:
+    """Why path is no file to read a log from, or None. Asked before opening it: a FIFO would block."""
     try:
-        return mlp_parser.parse_file(str(path), ruleset=RULESET)
+        mode = path.stat().st_mode
     except OSError as exc:
-        raise StemdlError(f"{path}: cannot read the log ({exc.strerror or exc})") from None
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if exc.errno == errno.ENOENT and path.is_symlink():
+            return "dangling symbolic link"
+        return exc.strerror or str(exc)
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _records(path: Path) -> list[tuple[int, str]]:
+    """(line number, line) of each :::MLLOG line, read as the official parser reads the file (latin-1,
+    universal newlines) but in pieces, so that no line over MAX_LINE is held whole. Such a line without
+    :::MLLOG (a progress bar) is skipped, as the parser skips it; with :::MLLOG, it raises _TooLong."""
+    reason = not_a_file(path)
+    if reason:
+        raise UnreadableLog(path, reason)
+    records = []
+    try:
+        with open(path, encoding="latin-1") as f:
+            for number in itertools.count(1):
+                line = f.readline(MAX_LINE + 1)
+                if not line:
+                    return records
+                if len(line) > MAX_LINE and not line.endswith("\n"):
+                    length, mllog = _rest_of_line(f, line)
+                    if mllog:
+                        raise _TooLong(f"line {number} is {length} characters long (over {MAX_LINE}): "
+                                       "not an MLLOG record")
+                elif TOKEN in line:
+                    records.append((number, line))
+    except OSError as exc:
+        raise UnreadableLog(path, exc.strerror or str(exc)) from None
+
+
+def _rest_of_line(f, head: str) -> tuple[int, bool]:
+    """(length, holds :::MLLOG) of the line whose first piece is head, reading on to its end."""
+    length, mllog, piece = len(head), TOKEN in head, head
+    while not piece.endswith("\n"):
+        following = f.readline(MAX_LINE)
+        if not following:
+            return length, mllog
+        mllog = mllog or TOKEN in piece[-len(TOKEN):] + following  # the token may straddle two pieces
+        length, piece = length + len(following), following
+    return length - 1, mllog
+
+
+def parse_log(path: Path | str):
+    """(loglines, errors) of the official parser, given the :::MLLOG lines of `_records`."""
+    try:
+        records = _records(Path(path))
+    except _TooLong as exc:
+        raise StemdlError(f"{path}: {exc}") from None
+    return _OFFICIAL_PARSER.parse_generator(line for _, line in records)
 
 
 def _stated(loglines) -> dict:
@@ -138,9 +216,14 @@ def check_log(path: Path | str, workloads, division: str | None = None) -> Verdi
         raise StemdlError(f"division {division!r} is not one of {', '.join(mlperf.DIVISIONS)}")
     path = Path(path)
     try:
-        loglines, errors = _parse(path)
+        records = _records(path)
+    except _TooLong as exc:
+        return Verdict(path, [str(exc)])
+    try:
+        loglines, errors = _OFFICIAL_PARSER.parse_generator(line for _, line in records)
     except (KeyError, ValueError, TypeError) as exc:  # the official parser gives up on a malformed line
-        return Verdict(path, [_first_malformed_line(path) or f"the log does not parse ({type(exc).__name__}: {exc})"])
+        return Verdict(path, [_first_malformed_line(records)
+                              or f"the log does not parse ({type(exc).__name__}: {exc})"])
     stated = _stated(loglines)
     verdict = Verdict(path, benchmark=stated.get(mlperf.SUBMISSION_BENCHMARK),
                       division=division or stated.get(mlperf.SUBMISSION_DIVISION))
@@ -193,19 +276,16 @@ def _judge_target(verdict: Verdict, workload, loglines, problems: list[str]) -> 
 _LINE_FIELDS = ("namespace", "time_ms", "event_type", "key", "value", "metadata")
 
 
-def _first_malformed_line(path: Path) -> str | None:
+def _first_malformed_line(records: list[tuple[int, str]]) -> str | None:
     """Which :::MLLOG line the official parser choked on, and why, in one line."""
-    with open(path, errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if ":::MLLOG" not in line:
-                continue
-            try:
-                record = json.loads(line.split(":::MLLOG", 1)[1])
-            except ValueError:
-                return f"line {number} is not JSON after ':::MLLOG': {line.strip()[:200]}"
-            missing = [k for k in _LINE_FIELDS if not isinstance(record, dict) or k not in record]
-            if missing:
-                return f"line {number} lacks {', '.join(missing)}: {line.strip()[:200]}"
+    for number, line in records:
+        try:
+            record = json.loads(line.split(TOKEN, 1)[1])
+        except ValueError:
+            return f"line {number} is not JSON after '{TOKEN}': {line.strip()[:200]}"
+        missing = [k for k in _LINE_FIELDS if not isinstance(record, dict) or k not in record]
+        if missing:
+            return f"line {number} lacks {', '.join(missing)}: {line.strip()[:200]}"
     return None
 
 

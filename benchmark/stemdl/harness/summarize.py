@@ -6,8 +6,9 @@
 
 Any registered benchmark: each log names its own (submission_benchmark), and the workload gives the eval
 key, the target metric's name and its direction. Every log is checked first (`check_log`); one that fails
-is listed with its first reason and left out, except a closed log whose only fault is that it never
-reached the target: that is a run that did not converge, and it counts as one.
+is listed with its first reason and left out (so is an entry that is no file to read: a folder, a dangling
+link), except a closed log whose only fault is that it never reached the target: that is a run that did
+not converge, and it counts as one.
 
 Strong scaling: the runs of one (benchmark, system, number_of_nodes, world size) form a scale; its score
 is the MLPerf HPC olympic mean of the time to train (run_stop - run_start): with 5 runs or more the fastest
@@ -33,12 +34,9 @@ import statistics
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from mlperf_logging.compliance_checker import mlp_parser
-
 from stemdl.harness import files, mlperf
-from stemdl.harness.compliance import check_log
+from stemdl.harness.compliance import UnreadableLog, check_log, parse_log
 from stemdl.harness.errors import StemdlError
-from stemdl.harness.rules import RULESET
 
 MIN_RUNS = 5  # MLPerf HPC strong scaling: at least 5 runs, the fastest and the slowest dropped
 SCALINGS = ("strong", "weak")
@@ -149,7 +147,7 @@ def find_logs(org: Path) -> list[tuple[Path, str, str]]:
 
 def read_run(path: Path, system: str, scaling: str, workload) -> Run:
     """The figures of one log that passed the check (so every key the rules require is there)."""
-    loglines, _ = mlp_parser.parse_file(str(path), ruleset=RULESET)
+    loglines, _ = parse_log(path)
     last = {ll.key: ll for ll in loglines}  # the last line of each key
 
     def value(key, default=None):
@@ -181,6 +179,8 @@ def _world_size(log: Path, nodes: int, accelerators: int) -> int:
     if accelerators > 0:
         return nodes * accelerators
     metrics = log.with_name(log.stem + ".metrics.json")
+    if not metrics.is_file():  # nor a FIFO, which would block the read
+        return nodes
     try:
         return int(json.loads(metrics.read_text())["world_size"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -203,7 +203,11 @@ def collect(org: Path, registry, division: str | None = None) -> tuple[list[Run]
     whose one fault is that it never reached the target counts, as a run that did not converge."""
     runs, excluded, directions = [], [], {}
     for path, system, scaling in find_logs(org):
-        verdict = check_log(path, registry, division)
+        try:
+            verdict = check_log(path, registry, division)
+        except UnreadableLog as exc:  # one bad entry is listed, not the end of the report
+            excluded.append({"path": str(path), "reason": f"cannot read the log ({exc.reason})"})
+            continue
         if verdict.passed or verdict.only_target_missed:
             workload = registry[verdict.benchmark]
             runs.append(read_run(path, system, scaling, workload))
@@ -341,7 +345,7 @@ def to_markdown(s: Summary) -> str:
     if not benchmarks:
         out += ["", "(no log passed the compliance check)"]
     if s.excluded:
-        out += ["", "## Excluded logs (failed the compliance check)", ""]
+        out += ["", "## Excluded logs (unreadable, or failed the compliance check)", ""]
         out += [f"- `{e['path']}`: {e['reason']}" for e in s.excluded]
     return "\n".join(out) + "\n"
 

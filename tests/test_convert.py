@@ -326,3 +326,88 @@ def test_two_mpi_ranks_write_the_same_bytes_and_share_an_error(src, tmp_path):
     # Every rank ends with the same line (counted, not split into lines: the ranks' stderr may interleave).
     line = "stemdl convert: error: {}:sample_3_0: cbed_stack has 1 non-finite values (NaN or inf)"
     assert proc.stderr.count(line.format(src.resolve() / "test" / "batch_test_0.h5")) == 2, proc.stderr[-3000:]
+
+
+def _remount(where: Path, kib: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={kib}k", str(where)], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_full_disk_is_one_line_naming_the_file_keeps_finished_shards_and_resumes(tiny_data, small_disk, workers,
+                                                                                capfd):
+    from stemdl.cli import main
+
+    disk = small_disk(160)  # convert.json and two shards at 64x64 (68 KiB each on a tmpfs), not four
+    dst = disk / "shards"
+    assert main(["convert", str(tiny_data), str(dst), "--size", "64", "--workers", workers, "--quiet"]) == 2
+    err = capfd.readouterr().err  # fd-level: what the worker processes print too
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"stemdl convert: error: {dst.resolve()}/") and f": cannot write it (no space left on device ({disk}: " in err, err
+    assert no_partials(dst) and not (dst / "manifest.json").exists()
+    done = sorted(n[:-len(".done.json")] for n in files_of(dst) if n.endswith(".done.json"))
+    shards = {n.split(".")[0] for n in files_of(dst) if n.endswith(".npy")}
+    assert done and sorted(shards) == done, "finished shards whole, nothing of the failed ones"
+    kept = {n: p.stat().st_mtime_ns for n, p in files_of(dst).items() if n != "convert.json"}
+    _remount(disk, 1024)
+    assert main(["convert", str(tiny_data), str(dst), "--size", "64", "--workers", workers, "--quiet"]) == 0
+    assert {n: p.stat().st_mtime_ns for n, p in files_of(dst).items() if n in kept} == kept, "resumed"
+    assert len(ShardSet.open(dst, verify="checksum").split("train")) == 8
+
+
+# The parent of a slow conversion: 0.2 s a sample, so that its workers are mid-shard when it is killed.
+SLOW_CONVERT = """import sys, time
+from stemdl.workloads.spacegroup.data import convert
+read = convert._read_sample
+convert._read_sample = lambda *a: (time.sleep(0.2), read(*a))[1]
+if sys.argv[1] == "no-pdeathsig":  # only the workers' own os.getppid() check is left
+    convert.die_with_parent = lambda parent: None
+from stemdl.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("guard", ["pdeathsig", "no-pdeathsig"])
+def test_the_workers_of_a_killed_convert_end_within_a_second(tmp_path, guard):
+    raw = make_raw(tmp_path / "raw", files=(("train", 8),) * 4, size=32)
+    dst = tmp_path / "shards"
+    log = open(tmp_path / "log", "w")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, guard, "convert", str(raw), str(dst), "--size",
+                             "16", "--workers", "2", "--quiet"], stdout=log, stderr=subprocess.STDOUT)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while not (len(workers) >= 2 and not no_partials(dst)):  # both workers started, a shard being written
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+            workers = _children(proc.pid)
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait()
+        gone = time.monotonic() + 3
+        while any(map(_alive, workers)) and time.monotonic() < gone:
+            time.sleep(0.05)
+        assert not [w for w in workers if _alive(w)], "workers outlived their killed parent"
+        assert not list(dst.rglob("*.done.json")), "no shard was finished after the kill"
+    finally:
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+        log.close()

@@ -1,8 +1,10 @@
 """The shard reader: what it reads equals what was written, and every damage is one line naming the file."""
 
 import copy
+import errno
 import json
 import multiprocessing
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -201,3 +203,39 @@ def test_with_root_reads_a_staged_copy(converted, tmp_path):
     (staged / "dev" / "00000.targets.npy").unlink()
     with pytest.raises(DataError, match="00000.targets.npy: missing"):
         shards.with_root(staged, verify="size")
+
+
+KINDS = [shards_mod.Kind("images", "uint8", (3, 32, 32), mapped=True), shards_mod.Kind("labels", "int16"),
+         shards_mod.Kind("names", "S")]
+
+
+def write_shard(dst: Path, capacity: int, samples: int) -> dict:
+    writer = shards_mod.ShardWriter(dst, "train/00000", capacity, KINDS)
+    for k in range(samples):
+        writer.add({"images": np.full((3, 32, 32), k, np.uint8), "labels": k, "names": f"f:{k}".encode()})
+    return writer.finish()
+
+
+def no_reservation(fd, offset, length):
+    raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+
+@pytest.mark.parametrize("samples", [4, 3])  # every row, or one skipped
+def test_a_shard_written_where_space_cannot_be_reserved_is_the_same(tmp_path, monkeypatch, samples):
+    mapped = write_shard(tmp_path / "mapped", 4, samples)
+    monkeypatch.setattr(os, "posix_fallocate", no_reservation)
+    assert write_shard(tmp_path / "plain", 4, samples) == mapped
+    assert np.load(tmp_path / "plain" / "train" / "00000.images.npy")[:, 0, 0, 0].tolist() == list(range(samples))
+    monkeypatch.delattr(os, "posix_fallocate")  # not on macOS
+    assert write_shard(tmp_path / "none", 4, samples) == mapped
+
+
+@pytest.mark.parametrize("reserve", [True, False])
+def test_a_full_disk_is_a_one_line_error_naming_the_file_and_leaves_nothing(small_disk, monkeypatch, reserve):
+    disk = small_disk(64)  # a shard of 32 samples holds 96 KiB of images
+    if not reserve:
+        monkeypatch.setattr(os, "posix_fallocate", no_reservation)
+    with pytest.raises(StemdlError) as err:
+        write_shard(disk, 32, 32)
+    assert str(err.value).startswith(f"{disk}/train/00000.images.npy: cannot write it (no space left on device ({disk}: ")
+    assert "\n" not in str(err.value) and not list(disk.rglob("*.*"))

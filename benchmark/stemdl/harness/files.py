@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -31,11 +32,32 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
                           errno.EFBIG})
 
 
-def write_problem(exc: OSError) -> str:
-    """Why a write failed, in words ("no space left on device", "Read-only file system", ...)."""
+def _mount_of(path: Path | str) -> Path:
+    """The mount point holding `path` (which need not exist yet)."""
+    path = Path(os.path.abspath(path))
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def write_problem(exc: OSError, path: Path | str | None = None) -> str:
+    """Why a write failed, in words ("no space left on device (/scratch: 172 KiB free)", "Read-only file
+    system", ...); a full disk names the mount point of `path` and what is left on it."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "no space left on device"
+        if path is None:
+            return "no space left on device"
+        mount = _mount_of(path)
+        try:
+            free = f"{shutil.disk_usage(mount).free // 1024:,} KiB free"
+        except OSError:
+            free = "free space unknown"
+        return f"no space left on device ({mount}: {free})"
     return exc.strerror or str(exc)
+
+
+def write_error(path: Path | str, exc: OSError) -> StemdlError:
+    """A failed write of `path` in one line naming it."""
+    return StemdlError(f"{path}: cannot write it ({write_problem(exc, path)})")
 
 
 def check_folder(path: Path | str, what: str) -> Path:
@@ -96,7 +118,7 @@ def atomic_path(path: Path | str, durable: bool = False, replace: bool = True):
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS:
             raise
-        raise StemdlError(f"{path}: cannot write it ({write_problem(exc)})") from None
+        raise write_error(path, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -36,6 +36,7 @@ copying them; `read` copies a batch out of the maps from a view per sample of th
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import operator
@@ -43,6 +44,7 @@ import os
 import re
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePosixPath
@@ -514,17 +516,47 @@ class ShardSet:
 
 class ShardWriter:
     """One shard's files, written under temporary names and renamed once complete (fsynced: a shard under
-    its final name is whole). The mapped kind goes straight to a file-backed map, so a shard of any size
-    costs no memory; the small kinds are gathered and saved at the end."""
+    its final name is whole). The mapped kind's file has its space reserved before it is mapped (a sparse
+    map on a full disk is a SIGBUS on some later row; a reservation fails at once), so a shard of any size
+    costs no memory; where the file system cannot reserve, its rows are written in order instead. The small
+    kinds are gathered and saved at the end. A failed write is a StemdlError naming the file, and leaves
+    none of the shard's files (`discard`)."""
 
     def __init__(self, dst: Path, name: str, capacity: int, kinds: list[Kind]):
-        self.base, self.kinds = Path(dst) / name, kinds
-        self.base.parent.mkdir(parents=True, exist_ok=True)
+        self.base, self.kinds, self.capacity = Path(dst) / name, kinds, capacity
         self.input = next(k for k in kinds if k.mapped)
-        self.rows = np.lib.format.open_memmap(self._partial(self.input.name), mode="w+", dtype=self.input.dtype,
-                                              shape=(capacity, *self.input.shape))
         self.small: dict[str, list] = {k.name: [] for k in kinds if not k.mapped}
-        self.count = 0
+        self.count, self.rows, self._file, self._committed = 0, None, None, []
+        with self._writing(self.input.name):
+            self.base.parent.mkdir(parents=True, exist_ok=True)
+            self._open()
+
+    def _open(self) -> None:
+        dtype, shape = np.dtype(self.input.dtype), (self.capacity, *self.input.shape)
+        path = self._partial(self.input.name)
+        f = open(path, "wb")
+        try:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+            f.flush()
+            self._offset = f.tell()
+            os.posix_fallocate(f.fileno(), 0, self._offset + dtype.itemsize * int(np.prod(shape)))
+        except (AttributeError, OSError) as exc:  # AttributeError: no posix_fallocate (macOS)
+            if isinstance(exc, OSError) and exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                f.close()
+                raise
+            self._file = f  # rows appended after the header: a full disk fails the write, not a page fault
+            return
+        f.close()
+        self.rows = np.lib.format.open_memmap(path, mode="r+")
+
+    @contextmanager
+    def _writing(self, kind: str):
+        try:
+            yield
+        except OSError as exc:
+            self.discard()
+            raise files_mod.write_error(self.path(kind), exc) from None
 
     def _partial(self, kind: str) -> Path:
         return files_mod.partial_path(self.path(kind))
@@ -534,7 +566,14 @@ class ShardWriter:
 
     def add(self, values: dict) -> None:
         """One sample: {kind name: its value}, every kind given."""
-        self.rows[self.count] = values[self.input.name]
+        row = values[self.input.name]
+        if self.rows is not None:
+            self.rows[self.count] = row
+        else:
+            if self.count >= self.capacity:
+                raise IndexError(f"shard {self.base}: {self.capacity} samples already written")
+            with self._writing(self.input.name):
+                self._file.write(np.broadcast_to(np.asarray(row, self.input.dtype), self.input.shape).tobytes())
         for name, gathered in self.small.items():
             gathered.append(values[name])
         self.count += 1
@@ -547,25 +586,44 @@ class ShardWriter:
         with open(self._partial(kind.name), "wb") as f:
             np.save(f, arr, allow_pickle=False)
 
+    def _close_input(self) -> None:
+        if self.rows is not None:
+            self.rows.flush()
+        elif self._file is not None:
+            self._file.close()
+        self.rows = self._file = None
+        if self.count < self.capacity:  # samples were skipped: keep the rows written
+            path = self._partial(self.input.name)
+            kind = self.input
+            kept = np.fromfile(path, kind.dtype, self.count * int(np.prod(kind.shape)), offset=self._offset)
+            with open(path, "wb") as f:
+                np.save(f, kept.reshape(self.count, *kind.shape), allow_pickle=False)
+
     def finish(self) -> dict:
         """Rename every file to its final name; the manifest's "files" entry of the shard."""
-        self.rows.flush()
-        if self.count < len(self.rows):  # samples were skipped: keep the rows written
-            kept = np.array(self.rows[:self.count])
-            self.rows = None  # unmapped before the file is rewritten
-            with open(self._partial(self.input.name), "wb") as f:
-                np.save(f, kept, allow_pickle=False)
-        self.rows = None
+        with self._writing(self.input.name):
+            self._close_input()
         for kind in self.kinds:
-            if not kind.mapped:
-                self._save(kind, self.small[kind.name])
-            files_mod.commit(self._partial(kind.name), self.path(kind.name), durable=True)
+            with self._writing(kind.name):
+                if not kind.mapped:
+                    self._save(kind, self.small[kind.name])
+                files_mod.commit(self._partial(kind.name), self.path(kind.name), durable=True)
+            self._committed.append(self.path(kind.name))
         root = self.base.parents[1]
         return {kind.name: {"path": self.path(kind.name).relative_to(root).as_posix(),
                             "bytes": self.path(kind.name).stat().st_size, "sha256": file_sha256(self.path(kind.name))}
                 for kind in self.kinds}
 
     def discard(self) -> None:
+        """Remove the shard's files: the temporary ones, and those `finish` renamed (a shard is only
+        finished once its caller has recorded it, e.g. in a sidecar)."""
         self.rows = None
-        for kind in self.kinds:
-            self._partial(kind.name).unlink(missing_ok=True)
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass  # the full disk that brought us here: the file goes anyway
+            self._file = None
+        for path in [self._partial(kind.name) for kind in self.kinds] + self._committed:
+            path.unlink(missing_ok=True)
+        self._committed = []

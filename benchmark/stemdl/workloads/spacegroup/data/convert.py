@@ -10,8 +10,9 @@ once, here. One shard per input file: the file is the unit of work, of paralleli
 `--workers` processes per rank) and of resumption (a finished shard has a sidecar, and the same command
 run again converts the rest). A bad sample stops the conversion with one line naming file:group (exit 2);
 with --skip-bad it is left out and listed in the manifest, up to --max-bad. Under MPI an error on one rank
-ends every rank with the same line; SIGTERM or SIGINT stops cleanly (exit 143 or 130). Resumption, bad
-samples and what a conversion costs, in full: docs/performance.md.
+ends every rank with the same line; SIGTERM or SIGINT stops cleanly (exit 143 or 130), and so does a full
+disk (exit 2, one line naming the file and the mount point); workers end with a killed parent. Resumption,
+bad samples and what a conversion costs, in full: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from stemdl import __version__
 from stemdl.harness import dist
 from stemdl.workloads.spacegroup.data import layout
 from stemdl.workloads.spacegroup.data.index import load_or_build
-from stemdl.workloads.spacegroup.data.reader import DataFile, data_files, imap_files, shape_problem
+from stemdl.workloads.spacegroup.data.reader import DataFile, data_files, die_with_parent, imap_files, shape_problem
 from stemdl.harness import files
 from stemdl.harness.shards import FORMAT, MANIFEST, VERSION, Kind, ShardWriter, verify_files
 from stemdl.workloads.spacegroup.data.validate import value_problems
@@ -193,7 +194,10 @@ def _check_destination(dst: Path, identity: dict) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    files.write_atomic(path, json.dumps(obj, indent=1) + "\n", durable=True)
+    try:
+        files.write_atomic(path, json.dumps(obj, indent=1) + "\n", durable=True)
+    except OSError as exc:
+        raise files.write_error(path, exc) from None
 
 
 def _claim(dst: Path, identity: dict) -> None:
@@ -276,6 +280,7 @@ def assign(jobs, world_size: int) -> list[list[ShardJob]]:
 # ---- converting one file (in a worker process) -------------------------------------------------------
 
 _STOP = None  # in worker processes: the parent's stop event
+_PARENT = None  # in worker processes: the parent's pid
 
 
 class _Cancelled(Exception):
@@ -303,6 +308,9 @@ def _fill(f: DataFile, job: ShardJob, writer: ShardWriter) -> tuple[list[int], l
     for group in f.groups:
         if _STOP is not None and _STOP.is_set():
             raise _Cancelled
+        if _PARENT is not None and os.getppid() != _PARENT:  # killed (-9): nobody will read this shard
+            writer.discard()
+            os._exit(1)
         try:
             rec, stack = _read_sample(f, group, buf)
         except DataError as exc:
@@ -332,6 +340,10 @@ def convert_shard(job: ShardJob) -> dict:
         if _source_stat(src) != before:
             raise DataError(src, "changed while it was being converted; run the conversion again")
         written = writer.finish()
+        side = {"entry": {"name": job.name, "samples": len(labels), "source": job.source, "files": written},
+                "class_counts": {str(g): n for g, n in sorted(Counter(labels).items())}, "skipped": skipped,
+                "source_size": before[0], "source_mtime_ns": before[1], "preprocess": job.preprocess}
+        _write_json(dst / f"{job.name}{SIDECAR}", side)  # without it the shard is not done: discarded below
     except OSError as exc:  # full disk, no permission: the shard being written is named
         if writer is not None:
             writer.discard()
@@ -340,16 +352,13 @@ def convert_shard(job: ShardJob) -> dict:
         if writer is not None:
             writer.discard()
         raise
-    side = {"entry": {"name": job.name, "samples": len(labels), "source": job.source, "files": written},
-            "class_counts": {str(g): n for g, n in sorted(Counter(labels).items())}, "skipped": skipped,
-            "source_size": before[0], "source_mtime_ns": before[1], "preprocess": job.preprocess}
-    _write_json(dst / f"{job.name}{SIDECAR}", side)
     return side
 
 
-def _worker_init(stop) -> None:
-    global _STOP
-    _STOP = stop
+def _worker_init(stop, parent: int) -> None:
+    global _STOP, _PARENT
+    _STOP, _PARENT = stop, parent
+    die_with_parent(parent)
     # Ctrl-C reaches the whole process group: the parent decides. A SIGTERM just ends a worker (not the
     # parent's handler, inherited through fork): the parent then removes what the worker left.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -390,7 +399,8 @@ def _sidecars(jobs: list[ShardJob], workers: int, dst: Path):
             # fork, as the index and the DataLoader do: workers start at once, whatever the main script.
             ctx = multiprocessing.get_context("fork")
             stop = ctx.Event()
-            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(stop,))
+            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                       initargs=(stop, os.getpid()))
             yield _as_completed([pool.submit(convert_shard, job) for job in jobs])
     finally:
         if pool is not None:

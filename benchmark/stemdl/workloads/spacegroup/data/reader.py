@@ -14,8 +14,11 @@ surfaces as one `DataError` line naming the file and the group, never as an h5py
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -267,6 +270,19 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
+def die_with_parent(parent: int) -> None:
+    """A pool worker's initializer: be killed with the parent (`parent`, its pid). A worker outlives a
+    parent killed by SIGKILL, and then waits for work forever; on Linux the kernel ends it instead
+    (PR_SET_PDEATHSIG), and a parent already gone by now ends it here."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # no prctl: the callers' own os.getppid() checks remain
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def imap_files(fn: Callable, items: Sequence, workers: int | None = None, label: str = "",
                quiet: bool = False) -> Iterator[tuple[int, object]]:
     """Yield (position, fn(item)) for every item as each finishes, with progress over files on stderr.
@@ -282,7 +298,7 @@ def imap_files(fn: Callable, items: Sequence, workers: int | None = None, label:
                 bar.update(1)
                 yield i, result
             return
-        pool = ProcessPoolExecutor(max_workers=workers)
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
         try:
             pending = {pool.submit(fn, item): i for i, item in enumerate(items)}
             while pending:

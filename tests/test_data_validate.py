@@ -1,7 +1,12 @@
 """`stemdl validate` on the fixture and on damaged copies of it: every bad sample named, exit status 1."""
 
+import contextlib
 import io
 import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -58,6 +63,8 @@ SAMPLE_DAMAGE = {
             "cbed_stack has 1 non-finite values (NaN or inf)"),
     "negative": (lambda h5: _edit_stack(h5, lambda s: s.__setitem__((2, slice(0, 3), 0), -0.5)),
                  "cbed_stack has 3 negative values (min -0.5)"),
+    "implausible": (lambda h5: _edit_stack(h5, lambda s: s.__setitem__((0, 7, 9), 1.3e36)),
+                    "cbed_stack has 1 implausible values (max 1.3e+36, above 1e+30)"),
     "label 0": (_set_attr("space_group", np.bytes_(b"0")), "space_group 0 is outside 1..230"),
     "label 231": (_set_attr("space_group", np.bytes_(b"231")), "space_group 231 is outside 1..230"),
     "label abc": (_set_attr("space_group", np.bytes_(b"abc")), "space_group 'abc' is not a number"),
@@ -159,3 +166,114 @@ def test_value_checks_on_odd_datasets():
             ["cbed_stack has 2 non-finite values (NaN or inf)", "cbed_stack has 1 negative values (min -1)"]
         assert value_problems(h5.create_dataset("empty", data=np.zeros((3, 0, 4), np.float32))) == []
         assert value_problems(h5.create_dataset("text", data="abc")) == []
+
+
+# ---- damage that stays finite and non-negative: checksums of a synthetic set, and a ceiling for any data
+
+SYNTH_FILE = "train/batch_train_1.h5"
+
+
+def _flip_exponent_bit(path, group):
+    """Flip the top exponent bit of the largest value of one pattern: 0.0039 becomes about 1.3e36."""
+    with h5py.File(path, "r+") as h5:
+        ds = h5[f"{group}/cbed_stack"]
+        stack = ds[()]
+        at = np.unravel_index(np.argmax(stack[1]), stack[1].shape)
+        stack[1].view(np.uint32)[at] ^= np.uint32(1 << 30)
+        ds[...] = stack
+        return float(stack[1][at])
+
+
+@pytest.fixture
+def tiny_copy(tmp_path, tiny_data):
+    return shutil.copytree(tiny_data, tmp_path / "tiny")
+
+
+def test_a_flipped_bit_is_found_by_checksum_and_by_the_ceiling(tiny_copy, capsys):
+    with h5py.File(tiny_copy / SYNTH_FILE, "r") as h5:
+        group = sorted(h5)[0]
+    flipped = _flip_exponent_bit(tiny_copy / SYNTH_FILE, group)
+    assert 1e30 < flipped < np.finfo(np.float32).max
+    code, out = _cli(capsys, tiny_copy)
+    assert code == 1
+    assert "sha256: 4 of 4 files checked against synth.json, 1 differ" in out
+    assert out[out.index("result: 2 bad entries") + 1:] == [
+        f"{SYNTH_FILE}: sha256 differs from synth.json: changed or damaged since it was generated",
+        f"{SYNTH_FILE}:{group}: cbed_stack has 1 implausible values (max {flipped:.2g}, above 1e+30)"]
+
+
+def test_a_small_change_is_found_by_the_checksum_alone(tiny_copy, capsys):
+    with h5py.File(tiny_copy / SYNTH_FILE, "r+") as h5:
+        group = sorted(h5)[0]
+        h5[f"{group}/cbed_stack"][0, 0, 0] += np.float32(1e-4)  # plausible: only the checksum can tell
+    code, out = _cli(capsys, tiny_copy)
+    assert code == 1
+    assert out[out.index("result: 1 bad entries") + 1:] == [
+        f"{SYNTH_FILE}: sha256 differs from synth.json: changed or damaged since it was generated"]
+    code, out = _cli(capsys, tiny_copy, "--no-checksums")
+    assert code == 0 and out[-1] == "result: all samples good" and not any(x.startswith("sha256:") for x in out)
+
+
+def test_an_intact_synthetic_set_is_checked_and_good(tiny_data, capsys):
+    code, out = _cli(capsys, tiny_data)
+    assert code == 0
+    assert out[-2:] == ["sha256: 4 of 4 files checked against synth.json, 0 differ", "result: all samples good"]
+    code, out = _cli(capsys, tiny_data / SYNTH_FILE)  # files named one by one: no folder, no synth.json
+    assert code == 0 and not any(line.startswith("sha256:") for line in out)
+
+
+def test_an_unreadable_synth_json_is_one_bad_entry(tiny_copy, capsys):
+    (tiny_copy / "synth.json").write_text("{not json")
+    code, out = _cli(capsys, tiny_copy)
+    assert code == 1
+    [line] = out[out.index("result: 1 bad entries") + 1:]
+    assert line.startswith("synth.json: unreadable (Expecting property name")
+
+
+def test_the_ceiling_flags_large_values_alongside_others():
+    with h5py.File(io.BytesIO(), "w") as h5:
+        data = np.full((3, 4, 4), 1e-3, np.float32)
+        data[0, 0, :3] = [np.nan, 2e31, 3e36]
+        data[2, 1, 1] = 1e30  # at the ceiling, not above
+        assert value_problems(h5.create_dataset("big", data=data)) == [
+            "cbed_stack has 1 non-finite values (NaN or inf)",
+            "cbed_stack has 2 implausible values (max 3e+36, above 1e+30)"]
+
+
+def _remount_read_only(disk):
+    proc = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot remount read-only here ({proc.stderr.strip()})")
+
+
+@pytest.mark.parametrize("case", ["proc", "a folder", "under a file", "read-only"])
+def test_an_unwritable_json_is_one_line_before_any_work(tmp_path, fixture_dir, small_disk, capsys, case):
+    if case == "proc":
+        target, why = Path("/proc/x.json"), "cannot write it (No such file or directory)"
+    elif case == "a folder":
+        target, why = tmp_path, "is a folder"
+    elif case == "under a file":
+        (tmp_path / "f").write_text("precious")
+        target, why = tmp_path / "f" / "r.json", f"{tmp_path / 'f'} is not a folder"
+    else:
+        disk = small_disk(64)
+        _remount_read_only(disk)
+        target, why = disk / "r.json", "cannot write it (Read-only file system)"
+    code = main(["validate", str(fixture_dir), "--workers", "1", "--quiet", "--json", str(target)])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err == f"stemdl validate: error: --json {target}: {why}\n"
+
+
+def test_a_json_on_a_full_disk_is_one_line_and_leaves_nothing(fixture_dir, small_disk, capsys):
+    disk = small_disk(64)
+    with open(disk / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:  # the disk full to the last block
+            f.write(b"\0" * 4096)
+    filler = (disk / "filler").stat().st_size
+    code = main(["validate", str(fixture_dir), "--workers", "1", "--quiet", "--json", str(disk / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.fullmatch(f"stemdl validate: error: {re.escape(str(disk / 'r.json'))}: cannot write it "
+                        r"\(no space left on device[^\n]*\)\n", err), err
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"] and (disk / "filler").stat().st_size == filler

@@ -2,16 +2,23 @@
 
 import hashlib
 import json
+import multiprocessing
+import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
 from stemdl.cli import main
+from stemdl.harness import locks
 from stemdl.workloads.spacegroup.data import layout
 from stemdl.harness.errors import StemdlError
 from stemdl.workloads.spacegroup.synth import crystals, diffclass, generate
@@ -202,3 +209,141 @@ def test_sigterm_stops_workers_and_leaves_no_partial_file(tmp_path):
     assert "Traceback" not in err and "interrupted" in err
     assert not list(out.rglob("*.partial"))
     assert json.loads((out / generate.MANIFEST).read_text())["status"] == "incomplete"
+
+
+# ---- one writer at a time, and storage that refuses writes
+
+def _manifest_digests(root):
+    return {rel: f["sha256"] for rel, f in json.loads((root / generate.MANIFEST).read_text())["files"].items()}
+
+
+def _synth_after(barrier, argv, err_path):
+    # A child of the test: its stderr (tracebacks included) into a file, started with its twin.
+    err = os.open(err_path, os.O_WRONLY | os.O_CREAT)
+    os.dup2(err, 2)
+    barrier.wait(60)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    raise SystemExit(main(argv))
+
+
+def test_two_writers_at_once_both_succeed_with_the_set_made_alone(tmp_path, tiny_data):
+    out = tmp_path / "shared"
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2)
+    argv = ["synth", str(out), "--preset", "tiny", "--quiet", "--workers", "2"]
+    procs = [ctx.Process(target=_synth_after, args=(barrier, argv, tmp_path / f"err{k}")) for k in range(2)]
+    for proc in procs:
+        proc.start()
+    for k, proc in enumerate(procs):
+        proc.join(300)
+        err = (tmp_path / f"err{k}").read_text()
+        assert proc.exitcode == 0 and "Traceback" not in err, err
+        assert err == "" or re.fullmatch(rf"waiting for \S+ pid \d+, which is writing {re.escape(str(out))}\n", err)
+    assert json.loads((out / generate.MANIFEST).read_text())["status"] == "complete"
+    assert _manifest_digests(out) == _manifest_digests(tiny_data)
+    assert digests(out) == digests(tiny_data)
+    assert not list(out.rglob("*.partial"))
+
+
+def test_a_writer_that_starts_mid_run_waits_instead_of_breaking_the_first(tmp_path):
+    # Without the lock the second one's cleanup deleted the first one's open .partial file.
+    out = tmp_path / "set"
+    argv = [sys.executable, "-m", "stemdl", "synth", str(out), "--preset", "tiny", "--samples", "64",
+            "--workers", "1", "--quiet"]
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.rglob("batch_*.h5")) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, "still writing when the second one starts"
+    second = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (_, err2), (_, err1) = second.communicate(timeout=300), first.communicate(timeout=300)
+    assert (first.returncode, err1) == (0, "")
+    assert second.returncode == 0
+    assert err2 == f"waiting for {socket.gethostname()} pid {first.pid}, which is writing {out}\n"
+    alone = tmp_path / "alone"
+    generate.generate(alone, generate.preset_config("tiny", samples=64), workers=2, quiet=True)
+    assert _manifest_digests(out) == _manifest_digests(alone) and digests(out) == digests(alone)
+
+
+def test_a_second_writer_waits_for_the_first_then_finds_the_set_complete(tmp_path, tiny_data):
+    out = tmp_path / "set"
+    shutil.copytree(tiny_data, out)
+    manifest = json.loads((out / generate.MANIFEST).read_text())
+    (out / generate.MANIFEST).write_text(json.dumps(dict(manifest, status="incomplete")))  # still being written
+    (out / "test" / "batch_test_0.h5").unlink()
+    proc = None
+    with locks.folder_lock(out):
+        proc = subprocess.Popen([sys.executable, "-m", "stemdl", "synth", str(out), "--preset", "tiny", "--quiet"],
+                                stderr=subprocess.PIPE, text=True)
+        me = f"{socket.gethostname()} pid {os.getpid()}"
+        assert proc.stderr.readline() == f"waiting for {me}, which is writing {out}\n"
+        time.sleep(0.3)
+        assert proc.poll() is None, "it waits while the lock is held"
+        # the holder finishes its set meanwhile
+        shutil.copy(tiny_data / "test" / "batch_test_0.h5", out / "test" / "batch_test_0.h5")
+        (out / generate.MANIFEST).write_text(json.dumps(manifest))
+        mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != locks.LOCK_NAME}
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err == ""
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes, "complete when it got the lock: nothing rewritten"
+
+
+def test_a_waiting_writer_leaves_the_live_writers_partial_files_alone(tmp_path):
+    out, cfg = tmp_path / "set", tiny_config()
+    out.mkdir()
+    with locks.folder_lock(out):
+        generate.open_output(out, cfg)  # what the live writer has done so far
+        live = out / "train" / ".batch_train_0.h5.otherhost-1.partial"
+        live.parent.mkdir()
+        live.write_bytes(b"half a file")
+        with pytest.raises(StemdlError, match=f"is still writing {out} after 0.2 s"):
+            generate.generate(out, cfg, quiet=True, timeout=0.2)
+        with pytest.raises(StemdlError, match=f"pid {os.getpid()} is writing {out}; try again"):
+            generate.generate(out, cfg, quiet=True, wait=False)
+        assert live.read_bytes() == b"half a file"
+    generate.generate(out, cfg, quiet=True)  # the lock free: what a killed writer left is cleaned up
+    assert not live.exists() and not list(out.rglob("*.partial"))
+
+
+def _read_only(disk):
+    proc = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot remount read-only here ({proc.stderr.strip()})")
+    return disk
+
+
+@pytest.mark.parametrize("case", ["proc", "read-only", "read-only inside", "a regular file"])
+def test_unwritable_output_is_one_line(tmp_path, small_disk, capsys, case):
+    if case == "proc":
+        out, why = Path("/proc/x"), "cannot write there (No such file or directory)"
+    elif case.startswith("read-only"):
+        disk = _read_only(small_disk(64))
+        out, why = (disk / "x" if case.endswith("inside") else disk), "cannot write there (Read-only file system)"
+    else:
+        out, why = tmp_path / "notes.txt", "exists and is not a folder"
+        out.write_text("precious")
+    assert main(["synth", str(out), "--preset", "tiny", "--quiet"]) == 2
+    assert capsys.readouterr().err == f"stemdl synth: error: OUT {out}: {why}\n"
+    if case == "a regular file":
+        assert out.read_text() == "precious"
+
+
+def test_full_disk_is_one_line_leaves_no_partial_and_keeps_the_finished_files(small_disk, capsys, tiny_data):
+    out = small_disk(1024) / "set"  # room for synth.json and one 0.8 MB file of the tiny set, not two
+    assert main(["synth", str(out), "--preset", "tiny", "--quiet", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(f"stemdl synth: error: {re.escape(str(out))}/train/batch_train_1.h5: cannot write it "
+                        r"\(no space left on device[^\n]*\)\n", err), err
+    assert not list(out.rglob("*.partial"))
+    manifest = json.loads((out / generate.MANIFEST).read_text())
+    assert manifest["status"] == "incomplete"
+    assert _manifest_digests(out) == {"train/batch_train_0.h5": _manifest_digests(tiny_data)["train/batch_train_0.h5"]}
+    assert digests(out) == {"train/batch_train_0.h5": digests(tiny_data)["train/batch_train_0.h5"]}
+
+
+def test_a_complete_set_on_read_only_storage_is_used_as_it_is(small_disk, tiny_data):
+    disk = small_disk(8192)
+    shutil.copytree(tiny_data, disk / "set")
+    _read_only(disk)
+    manifest = generate.generate(disk / "set", generate.preset_config("tiny"), quiet=True)
+    assert manifest["status"] == "complete" and _manifest_digests(disk / "set") == _manifest_digests(tiny_data)

@@ -9,6 +9,10 @@ does not hide a bad image) and all its reasons are joined with "; ". A file that
 one bad entry and the other files are still checked. Output: the summary, then one `file:group: reason`
 line per bad sample, in natural file and group order whatever the number of workers. Exit status 0 if
 nothing is bad, 1 otherwise (2 if the arguments name no data, as for any stemdl error).
+
+Damage that leaves values finite and non-negative (a flipped exponent bit turns 0.0039 into 1.3e36) is
+caught two ways: values above a physical ceiling are bad in any data, and a folder made by `stemdl synth`
+has each file's SHA-256 in its synth.json, which is checked, so that any changed byte is found.
 """
 
 from __future__ import annotations
@@ -25,10 +29,19 @@ import h5py
 import numpy as np
 
 from stemdl.workloads.spacegroup.data import layout
+from stemdl.workloads.spacegroup.synth.generate import MANIFEST, recorded_digests
+from stemdl.workloads.spacegroup.synth.generate import sha256 as synth_sha256
 from stemdl.workloads.spacegroup.data.reader import (H5_ERRORS, DataFile, data_files, dataset_problems, default_workers, file_key,
                                 h5_reason, imap_files, shape_problem)
 from stemdl.harness import files
-from stemdl.harness.errors import DataError
+from stemdl.harness.errors import DataError, StemdlError
+
+# No measured intensity comes near this. The public patterns are normalized to sum to 1 (docs/data.md), so
+# every value is <= 1; raw detector counts would be < 1e12. The preprocessing multiplies by the pixel count
+# (262,144 at 512x512) before its log, so a float32 above 3.4e38 / 262,144 = 1.3e33 turns into inf there.
+# 1e30 sits far above any real value and below that overflow.
+CEILING = 1e30
+SHA_MISMATCH = "sha256 differs from synth.json: changed or damaged since it was generated"
 
 
 @dataclass
@@ -63,6 +76,7 @@ class FileCheck:
     name: str  # as the report names it
     split: str
     error: str | None = None  # the file as a whole is unreadable
+    sha256_ok: bool | None = None  # None: synth.json lists no checksum for it
     samples: list[SampleCheck] = field(default_factory=list)
     others: list[str] = field(default_factory=list)  # top-level names that are not sample_I_J
 
@@ -91,11 +105,12 @@ def _slabs(ds: h5py.Dataset):
 
 
 def value_problems(ds: h5py.Dataset) -> list[str]:
-    """Non-finite and negative intensities, with memory for one pattern whatever the dataset's size."""
+    """Non-finite, negative and implausibly large intensities, with memory for one pattern whatever the
+    dataset's size."""
     if ds.dtype.kind not in "iuf":
         return []
-    nonfinite = negative = 0
-    lowest = np.inf
+    nonfinite = negative = implausible = 0
+    lowest, highest = np.inf, -np.inf
     for slab in _slabs(ds):
         if not slab.size:
             continue
@@ -105,15 +120,21 @@ def value_problems(ds: h5py.Dataset) -> list[str]:
             finite = np.isfinite(slab)
             nonfinite += int(slab.size - np.count_nonzero(finite))
             values = slab[finite]
-            lo = values.min() if values.size else 0
+            lo, hi = (values.min(), values.max()) if values.size else (0, 0)
         if lo < 0:
             negative += int(np.count_nonzero(values < 0))
             lowest = min(lowest, float(lo))
+        if hi > CEILING:
+            implausible += int(np.count_nonzero(values > CEILING))
+            highest = max(highest, float(hi))
     problems = []
     if nonfinite:
         problems.append(f"{layout.DATASET} has {nonfinite} non-finite values (NaN or inf)")
     if negative:
         problems.append(f"{layout.DATASET} has {negative} negative values (min {lowest:g})")
+    if implausible:
+        problems.append(f"{layout.DATASET} has {implausible} implausible values "
+                        f"(max {highest:.2g}, above {CEILING:g})")
     return problems
 
 
@@ -146,9 +167,15 @@ def check_sample(f: DataFile, name: str, values: bool = True) -> SampleCheck:
     return check
 
 
-def _check_file(job: tuple[str, str]) -> FileCheck:
-    path, name = job
+def _check_file(job: tuple[str, str, str | None]) -> FileCheck:
+    path, name, digest = job
     check = FileCheck(name, layout.split_of(Path(path).name))
+    try:
+        if digest is not None:  # first: the HDF5 reads below then come from the page cache
+            check.sha256_ok = synth_sha256(path) == digest
+    except OSError as exc:
+        check.error = f"unreadable ({exc.strerror or exc})"
+        return check
     try:
         with DataFile(path, name) as f:
             check.others = f.other_names()
@@ -184,8 +211,9 @@ def _shapes(checks: list[FileCheck], image_size: int | None) -> tuple[tuple | No
 def _bad_entries(checks: list[FileCheck], expected: tuple | None) -> list[BadEntry]:
     bad, first_seen = [], {}
     for c in checks:
-        if c.error is not None:
-            bad.append(BadEntry(c.name, None, c.error))
+        whole = [r for r in (c.error, SHA_MISMATCH if c.sha256_ok is False else None) if r]
+        if whole:
+            bad.append(BadEntry(c.name, None, "; ".join(whole)))
         for s in c.samples:
             reasons = list(s.reasons)
             if s.shape is not None and (problem := shape_problem(s.shape, expected)):
@@ -222,16 +250,28 @@ def _split_summary(checks: list[FileCheck], bad: list[BadEntry]) -> dict:
     return summary
 
 
+def _digests(sources: Sequence[str | os.PathLike]) -> tuple[dict[str, str], list[BadEntry]]:
+    """The SHA-256 that a data folder's synth.json records per file (relative names), and its own problem."""
+    if len(sources) != 1 or not Path(sources[0]).is_dir():
+        return {}, []
+    try:
+        return recorded_digests(Path(sources[0])), []
+    except DataError as exc:
+        return {}, [BadEntry(MANIFEST, None, exc.reason)]
+
+
 def validate(sources: Sequence[str | os.PathLike], workers: int | None = None, image_size: int | None = None,
-             quiet: bool = False) -> Report:
-    """Check every sample of the data directory or files in `sources`; see the module docstring."""
+             quiet: bool = False, checksums: bool = True) -> Report:
+    """Check every sample of the data directory or files in `sources`; see the module docstring.
+    `checksums=False` skips comparing files with the SHA-256 in a synth.json."""
     named = _named_files(list(sources))
+    digests, manifest_bad = _digests(sources) if checksums else ({}, [])
     checks: list[FileCheck | None] = [None] * len(named)
-    jobs = [(str(p), name) for p, name in named]
+    jobs = [(str(p), name, digests.get(name)) for p, name in named]
     for pos, check in imap_files(_check_file, jobs, workers, label="validate", quiet=quiet):
         checks[pos] = check
     expected, common, n_common = _shapes(checks, image_size)
-    bad = _bad_entries(checks, expected)
+    bad = manifest_bad + _bad_entries(checks, expected)
     summary = {
         "ok": not bad,
         "files": len(checks),
@@ -241,6 +281,8 @@ def validate(sources: Sequence[str | os.PathLike], workers: int | None = None, i
         "image_shape_from": "--image-size" if image_size is not None else "most common",
         "most_common_shape": list(common) if common else None,
         "most_common_count": n_common,
+        "sha256_checked": sum(c.sha256_ok is not None for c in checks),
+        "sha256_differ": sum(c.sha256_ok is False for c in checks),
         "splits": _split_summary(checks, bad),
     }
     return Report(summary, bad)
@@ -269,14 +311,36 @@ def format_summary(summary: dict) -> list[str]:
     lines.append(f"image shape: {_shape_text(summary)}")
     repeats = ", ".join(f"{k} {s['repeated_materials']}" for k, s in summary["splits"].items())
     lines.append(f"samples repeating a material of their split (warning only): {repeats}")
+    if summary["sha256_checked"]:
+        lines.append(f"sha256: {summary['sha256_checked']} of {summary['files']} files checked against "
+                     f"{MANIFEST}, {summary['sha256_differ']} differ")
     lines.append("result: all samples good" if summary["ok"] else f"result: {summary['bad']} bad entries")
     return lines
 
 
+def check_json_target(path: str | os.PathLike) -> None:
+    """Before the work: --json FILE can be written (its folder made if absent), or one line naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise StemdlError(f"--json {path}: is a folder")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise StemdlError(f"--json {path}: {path.parent} is not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = files.partial_path(path)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StemdlError(f"--json {path}: cannot write it ({files.write_problem(exc, path)})") from None
+
+
 def write_json(path: str | os.PathLike, report: Report) -> None:
     """The summary and the bad list as JSON, written under a temporary name then renamed."""
-    files.write_atomic(path, json.dumps({"summary": report.summary, "bad": [asdict(b) for b in report.bad]},
-                                        indent=1))
+    text = json.dumps({"summary": report.summary, "bad": [asdict(b) for b in report.bad]}, indent=1)
+    try:
+        files.write_atomic(path, text)
+    except OSError as exc:  # what atomic_path does not say in words already (a folder put there since)
+        raise files.write_error(path, exc) from None
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -287,11 +351,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, metavar="S",
                         help="require images of shape (3, S, S) (default: the most common shape)")
     parser.add_argument("--json", metavar="FILE", help="also write the summary and the bad list as JSON")
+    parser.add_argument("--no-checksums", action="store_true",
+                        help="do not compare the files with the SHA-256 in a synth.json (quicker, finds less)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
-    report = validate(args.sources, workers=args.workers, image_size=args.image_size, quiet=args.quiet)
+    if args.json:
+        check_json_target(args.json)
+    report = validate(args.sources, workers=args.workers, image_size=args.image_size, quiet=args.quiet,
+                      checksums=not args.no_checksums)
     print("\n".join(format_summary(report.summary)))
     for entry in report.bad:
         print(entry.line())

@@ -13,7 +13,9 @@ Reproducible and resumable by construction: sample i of a split draws all its ra
 SeedSequence([seed, split, i]), so the bytes written do not depend on the number of workers; workers only
 compute samples, the parent writes each file under a temporary name and renames it when complete, and
 `OUT/synth.json` records the configuration and every finished file. Re-running the same command continues
-an interrupted run; a different configuration for an existing OUT is refused rather than mixed in.
+an interrupted run; a different configuration for an existing OUT is refused rather than mixed in. One
+writer at a time (`OUT/.lock`): a second one, e.g. a second first `stemdl run`, waits for the first and
+then finds the set complete. A complete set is only read, so it may sit on a read-only file system.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import warnings
@@ -38,8 +41,8 @@ import yaml
 
 from stemdl import __version__
 from stemdl.workloads.spacegroup.data import layout
-from stemdl.harness import files
-from stemdl.harness.errors import StemdlError
+from stemdl.harness import files, locks
+from stemdl.harness.errors import DataError, StemdlError
 from stemdl.harness.progress import Progress
 
 MANIFEST = "synth.json"
@@ -298,21 +301,62 @@ def write_json_atomic(path: Path, obj) -> None:
     files.write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
+def _read_manifest(out: Path) -> dict | None:
+    path = out / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StemdlError(f"{path}: unreadable ({exc}); remove it or choose another OUT") from None
+
+
+def recorded_digests(out: Path) -> dict[str, str]:
+    """{path relative to OUT: SHA-256} of the finished files synth.json lists; {} without a synth.json."""
+    path = Path(out) / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        listed = json.loads(path.read_text())["files"]
+        return {str(rel): str(f["sha256"]) for rel, f in listed.items()}
+    except (OSError, ValueError) as exc:
+        raise DataError(path, f"unreadable ({exc})") from None
+    except (KeyError, TypeError, AttributeError):
+        raise DataError(path, "not a stemdl synth manifest (no sha256 per file)") from None
+
+
+def _refuse_foreign(out: Path) -> None:
+    """Refuse an OUT that holds something other than a synthetic set (a lock, a killed writer's partials
+    aside)."""
+    if not out.is_dir() or (out / MANIFEST).exists():
+        return
+    if any(p.name != locks.LOCK_NAME and not files.is_partial(p.name) for p in out.iterdir()):
+        raise StemdlError(f"{out} exists and is not a stemdl synthetic data set (no {MANIFEST}); "
+                          "refusing to write into it")
+
+
+def _finished(out: Path, cfg: SynthConfig) -> dict | None:
+    """The manifest if OUT already holds this set complete (nothing to write, so no lock needed), else None."""
+    try:
+        manifest = _read_manifest(out)
+    except StemdlError:
+        return None  # said under the lock, by open_output
+    if not manifest or manifest.get("status") != "complete" or manifest.get("config") != cfg.content():
+        return None
+    done = all(file_path(out, split, number).is_file() for split, number, _ in file_plan(cfg))
+    return manifest if done else None
+
+
 def open_output(out: Path, cfg: SynthConfig) -> dict:
     """The manifest of OUT: new, or the existing one if it describes the same data. Never clobbers."""
     manifest_path = out / MANIFEST
-    if manifest_path.exists():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise StemdlError(f"{manifest_path}: unreadable ({exc}); remove it or choose another OUT") from None
+    manifest = _read_manifest(out)
+    if manifest is not None:
         if manifest.get("config") != cfg.content():
             raise StemdlError(f"{out} holds a synthetic set made with other settings "
                               f"(see {manifest_path}); choose another OUT or the same settings to resume")
         return manifest
-    if out.exists() and any(out.iterdir()):
-        raise StemdlError(f"{out} exists and is not a stemdl synthetic data set (no {MANIFEST}); "
-                          "refusing to write into it")
+    _refuse_foreign(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"generator": f"stemdl {__version__}", "preset": cfg.preset, "description": cfg.description,
                 "config": cfg.content(), "status": "incomplete", "files": {}}
@@ -321,6 +365,7 @@ def open_output(out: Path, cfg: SynthConfig) -> dict:
 
 
 def remove_partials(out: Path) -> None:
+    """What a killed writer left. Only under the folder lock: otherwise these are a live writer's files."""
     for split in layout.SPLITS:
         for stale in (out / split).glob(".*.partial"):
             stale.unlink()
@@ -343,9 +388,26 @@ def pending_files(out: Path, cfg: SynthConfig, manifest: dict):
 # ---------------------------------------------------------------- running it
 
 
-def generate(out: Path, cfg: SynthConfig, workers: int = 1, quiet: bool = False) -> dict:
-    """Write (or finish writing) the set; returns the manifest."""
+def generate(out: Path, cfg: SynthConfig, workers: int = 1, quiet: bool = False, wait: bool = True,
+             timeout: float | None = None) -> dict:
+    """Write (or finish writing) the set; returns the manifest. While another process writes OUT, wait
+    for it (`timeout` seconds at most; None: for ever), or with `wait=False` refuse at once."""
     out = Path(out)
+    manifest = _finished(out, cfg)
+    if manifest is not None:
+        return manifest
+    _refuse_foreign(out)  # before the lock file: a folder of the user's is never written into
+    files.check_folder(out, "OUT")
+    with locks.folder_lock(out, wait=wait, timeout=timeout, what=f"writing {out}"):
+        try:
+            return _generate_locked(out, cfg, workers, quiet)
+        except OSError as exc:  # storage errors outside an atomic write (a split folder, a checksum)
+            if exc.errno not in files.WRITE_ERRNOS:
+                raise
+            raise files.write_error(exc.filename or out, exc) from None
+
+
+def _generate_locked(out: Path, cfg: SynthConfig, workers: int, quiet: bool) -> dict:
     manifest = open_output(out, cfg)
     remove_partials(out)
     todo = pending_files(out, cfg, manifest)
@@ -356,11 +418,12 @@ def generate(out: Path, cfg: SynthConfig, workers: int = 1, quiet: bool = False)
             _write_files(out, todo, tasks, manifest, workers, quiet)
         finally:
             remove_partials(out)
-    manifest["status"] = "complete"
-    manifest["class_counts"] = {split: {str(g): int(n) for g, n in zip(*np.unique(labels[split], return_counts=True))}
-                                for split in layout.SPLITS}
-    write_json_atomic(out / MANIFEST, manifest)
-    return manifest
+    done = dict(manifest, status="complete",
+                class_counts={split: {str(g): int(n) for g, n in zip(*np.unique(labels[split], return_counts=True))}
+                              for split in layout.SPLITS})
+    if done != manifest:  # a writer that waited for another finds it complete: nothing to write
+        write_json_atomic(out / MANIFEST, done)
+    return done
 
 
 def _write_files(out, todo, tasks, manifest, workers, quiet) -> None:
@@ -376,12 +439,8 @@ def _write_files(out, todo, tasks, manifest, workers, quiet) -> None:
             for split, number, indices in todo:
                 path = file_path(out, split, number)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                with files.atomic_path(path, durable=True) as tmp, h5py.File(tmp, "w") as h5:
-                    for index in indices:
-                        _, got, stack, record = next(results)
-                        assert got == index, "results arrive in task order"
-                        layout.write_sample(h5, f"sample_{index}_0", stack, record)
-                        bar.update(1)
+                with files.atomic_path(path, durable=True) as tmp:
+                    _write_h5(tmp, indices, results, bar)
                 rel = str(path.relative_to(out))
                 manifest["files"][rel] = {"samples": len(indices), "sha256": sha256(path)}
                 write_json_atomic(out / MANIFEST, manifest)
@@ -389,6 +448,32 @@ def _write_files(out, todo, tasks, manifest, workers, quiet) -> None:
         if pool is not None:
             pool.terminate()
             pool.join()
+
+
+def _write_h5(tmp: Path, indices: range, results, bar) -> None:
+    """The samples `indices`, in order, into a new HDF5 file; a failed write as the OSError behind it."""
+    try:
+        with h5py.File(tmp, "w") as h5:
+            for index in indices:
+                _, got, stack, record = next(results)
+                assert got == index, "results arrive in task order"
+                layout.write_sample(h5, f"sample_{index}_0", stack, record)
+                bar.update(1)
+    except (OSError, RuntimeError) as exc:
+        cause = _storage_error(exc)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _storage_error(exc: BaseException) -> OSError | None:
+    """The OSError of the storage behind an h5py error, if any. After a failed write (a full disk) h5py's
+    close raises a RuntimeError of its own, with the write's errno only in its text."""
+    for e in (exc, exc.__context__):
+        if isinstance(e, OSError) and e.errno:
+            return e
+    found = re.search(r"errno = (\d+)", str(exc))
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -44,7 +44,7 @@ class TensorSplit:
     def __len__(self) -> int:
         return len(self.x)
 
-    def read(self, indices, out=None) -> np.ndarray:
+    def read(self, indices) -> np.ndarray:
         return self.x[np.asarray(indices)]
 
     def name_of(self, i: int) -> str:

@@ -118,14 +118,7 @@ def _verify(shards, entries, how: str, env) -> None:
     a shared file system, split over the ranks); a mismatch anywhere stops every rank with the same line."""
     from stemdl.harness.shards import verify_files
 
-    problem = None
-    try:
-        verify_files(shards.root, entries[env.rank::env.world_size], how)
-    except StemdlError as exc:
-        problem = str(exc)
-    problems = [p for p in dist.allgather_object(problem) if p]
-    if problems:
-        raise StemdlError(problems[0])
+    dist.on_every_rank(verify_files, shards.root, entries[env.rank::env.world_size], how)
 
 
 def cleanup(prepared: Prepared | None, keep: bool) -> None:

@@ -172,6 +172,19 @@ def on_root(fn, *args, root: int = 0):
     return outcome[1]
 
 
+def on_every_rank(fn, *args):
+    """fn(*args) run on every rank; when it raised a StemdlError on any of them (a node-local folder, a
+    slice of the files), every rank raises the first one's message. Collective."""
+    problem = None
+    try:
+        fn(*args)
+    except StemdlError as exc:
+        problem = str(exc)
+    problems = [p for p in allgather_object(problem) if p]
+    if problems:
+        raise StemdlError(problems[0])
+
+
 def process_group_ready() -> bool:
     """True once a torch.distributed process group is up (without importing torch when nothing has)."""
     if "torch.distributed" not in sys.modules:

@@ -181,16 +181,7 @@ def resume_state(cfg, env, where) -> dict | None:
 
 def open_log(workload, cfg, env) -> tuple[dict, mlperf.MLLogger]:
     """Rank 0 claims the result files; every rank learns them, or the reason it could not (all raise)."""
-    claimed = None
-    if env.is_root:
-        try:
-            claimed = result_paths(Path(cfg.harness.log_dir))
-        except StemdlError as exc:
-            claimed = str(exc)
-    claimed = dist.broadcast_object(claimed)
-    if isinstance(claimed, str):
-        raise StemdlError(claimed)
-    paths = claimed
+    paths = dist.on_root(result_paths, Path(cfg.harness.log_dir))
     log = mlperf.MLLogger(paths["log"], env.rank)
     h = cfg.harness
     log.submission_info(workload.name, h.submission_org, division(workload, cfg), h.submission_status,

@@ -128,8 +128,9 @@ def _finish(session: Session, result: Result | None, stop: StopSignal, registry)
 
 
 def preflight(cfg, resume=None) -> None:
-    """What the user gave that can be checked before any work: the output folders can be written, the
-    checkpoint to resume exists, and staging has converted shards to copy."""
+    """What the user gave that can be checked before any work: the checkpoint to resume exists, staging
+    has converted shards to copy, the checkpoint and staging folders can be written (the log folder is
+    checked when the result index is claimed, next)."""
     from stemdl.harness import checkpoint
     from stemdl.harness.shards import is_shard_dir
 
@@ -139,29 +140,16 @@ def preflight(cfg, resume=None) -> None:
     if h.stage_dir and not is_shard_dir(Path(h.data)):
         raise StemdlError(f"--stage-dir {h.stage_dir}: staging copies converted shards (stemdl convert), and "
                           f"{h.data} is not a shard folder")
-    files.check_folder(Path(h.log_dir), "--log-dir")
     for folder, what in ((h.checkpoint_dir, "config key 'checkpoint_dir':"), (h.stage_dir, "--stage-dir")):
         if folder:
             files.check_folder(Path(folder), what)
-
-
-def _agreed_preflight(cfg, resume) -> None:
-    """preflight on every rank (a node-local folder may fail on one node only); all raise the first problem."""
-    problem = None
-    try:
-        preflight(cfg, resume)
-    except StemdlError as exc:
-        problem = str(exc)
-    problems = [p for p in dist.allgather_object(problem) if p]
-    if problems:
-        raise StemdlError(problems[0])
 
 
 def execute(workload, cfg, registry, resume=None) -> Outcome:
     """One benchmark run on every rank of this MPI job: setup, the timed run, the report."""
     env = dist.setup()
     try:
-        _agreed_preflight(cfg, resume)
+        dist.on_every_rank(preflight, cfg, resume)  # a node-local folder may fail on one node only
     except StemdlError:
         dist.teardown()
         raise

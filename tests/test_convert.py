@@ -292,6 +292,17 @@ def test_negative_values_and_bad_attributes_are_named_and_skippable(src, tmp_pat
         ("test/batch_test_0.h5:sample_0_0", "space_group 999 is outside 1..230")]
 
 
+def test_a_flipped_exponent_that_stays_finite_is_named_not_converted(src, tmp_path):
+    # 0.0039 with an exponent bit flipped is 1.3e36: finite and positive, but no measured intensity.
+    set_pixel(src / "train" / "batch_train_0.h5", "sample_1_0", 1.3e36)
+    with pytest.raises(DataError, match=r"batch_train_0.h5:sample_1_0: cbed_stack has 1 implausible values "
+                                        r"\(max 1.3e\+36, above 1e\+30\)"):
+        run_convert(src, tmp_path / "a", "--size", "16", "--quiet")
+    left = sorted(p.name for p in (tmp_path / "a" / "train").iterdir())
+    assert not [n for n in left if n.startswith("00000.") or n.endswith(".partial")], \
+        "the damaged sample's shard is not written, not even in part; the others are kept for a rerun"
+
+
 def test_shards_are_dealt_by_sample_count():
     jobs = [convert.ShardJob("s", "d", f"train/{k:05d}", "f", n, (3, 8, 8), {}, False)
             for k, n in enumerate([5, 1, 9, 4, 4])]

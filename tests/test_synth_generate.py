@@ -347,3 +347,27 @@ def test_a_complete_set_on_read_only_storage_is_used_as_it_is(small_disk, tiny_d
     _read_only(disk)
     manifest = generate.generate(disk / "set", generate.preset_config("tiny"), quiet=True)
     assert manifest["status"] == "complete" and _manifest_digests(disk / "set") == _manifest_digests(tiny_data)
+
+
+@pytest.mark.parametrize("traces", [[], [locks.LOCK_NAME], [locks.LOCK_NAME, ".synth.json.host-1.partial"],
+                                    [".stemdl-write-test.abc123"]])
+def test_a_run_arriving_while_another_starts_the_set_generates_too(tmp_path, monkeypatch, traces):
+    # The race of two first runs: the second found the folder made, no synth.json in it yet, and went on to
+    # read a folder with no data. A folder holding only a starting writer's traces is synthetic: generate.
+    from types import SimpleNamespace
+
+    from stemdl.workloads.spacegroup.data import prepare
+
+    root = tmp_path / "default"
+    root.mkdir()
+    for name in traces:
+        (root / name).write_text("")
+    calls = []
+    monkeypatch.setattr(prepare, "_generate", lambda r, preset: calls.append((r, preset)))
+    monkeypatch.setattr(prepare.dist, "on_root", lambda fn, *args: fn(*args))  # one rank, no MPI
+    cfg = SimpleNamespace(harness=SimpleNamespace(data=str(root), synth_preset="tiny"))
+    assert prepare.ensure_data(cfg) == root and calls == [(root, "tiny")]
+    (root / "mine.txt").write_text("a user's file")
+    calls.clear()
+    prepare.ensure_data(cfg)
+    assert calls == [], "a folder with other content is the user's data, never generated into"

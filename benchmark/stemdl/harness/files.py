@@ -27,6 +27,7 @@ from pathlib import Path
 from stemdl.harness.errors import StemdlError
 
 SUFFIX = ".partial"
+WRITE_TEST_PREFIX = ".stemdl-write-test."  # check_folder's probe, there for microseconds
 # What a write can fail with that is the storage's doing, not the program's: said in words, as StemdlError.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
                           errno.EFBIG})
@@ -68,7 +69,7 @@ def check_folder(path: Path | str, what: str) -> Path:
         raise StemdlError(f"{what} {path}: exists and is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".stemdl-write-test.", dir=path)  # a unique name: no race
+        fd, probe = tempfile.mkstemp(prefix=WRITE_TEST_PREFIX, dir=path)  # a unique name: no race
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
@@ -83,6 +84,11 @@ def partial_path(path: Path | str) -> Path:
 
 def is_partial(name: str) -> bool:
     return name.startswith(".") and name.endswith(SUFFIX)
+
+
+def is_transient(name: str) -> bool:
+    """A file some writer has in flight (a partial, or check_folder's probe): not content of the folder."""
+    return is_partial(name) or name.startswith(WRITE_TEST_PREFIX)
 
 
 def _fsync(path: Path) -> None:

@@ -43,7 +43,7 @@ from stemdl.workloads.spacegroup.data.index import load_or_build
 from stemdl.workloads.spacegroup.data.reader import DataFile, data_files, die_with_parent, imap_files, shape_problem
 from stemdl.harness import files
 from stemdl.harness.shards import FORMAT, MANIFEST, VERSION, Kind, ShardWriter, verify_files
-from stemdl.workloads.spacegroup.data.validate import value_problems
+from stemdl.workloads.spacegroup.data.validate import CEILING, value_problems
 from stemdl.harness.errors import DataError, StemdlError
 from stemdl.workloads.spacegroup.preprocess import Preprocess
 from stemdl.harness.progress import Progress
@@ -292,9 +292,9 @@ def _read_sample(f: DataFile, group: str, buf: np.ndarray):
     rec = f.record(group)
     stack = f.stack(group, out=buf)  # wrong dtype, or a shape other than the set's: DataError
     lo, hi = stack.min(), stack.max()  # both propagate NaN: a clean sample costs two vector passes
-    if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0):
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0 and hi <= CEILING):
         reasons = value_problems(f.dataset(group))  # rare: the validator's words for what is wrong
-        raise DataError(f.name, "; ".join(reasons) or "non-finite or negative values", group)
+        raise DataError(f.name, "; ".join(reasons) or "non-finite, negative or implausible values", group)
     return rec, stack
 
 

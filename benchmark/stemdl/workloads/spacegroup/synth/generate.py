@@ -325,12 +325,18 @@ def recorded_digests(out: Path) -> dict[str, str]:
         raise DataError(path, "not a stemdl synth manifest (no sha256 per file)") from None
 
 
+def being_started(out: Path) -> bool:
+    """OUT holds nothing yet but a writer's traces (its lock, partials): a set some writer is starting, or
+    an empty folder. A run that finds its synthetic folder so must generate (wait for the writer) too."""
+    return out.is_dir() and not (out / MANIFEST).exists() and all(
+        p.name == locks.LOCK_NAME or files.is_transient(p.name) for p in out.iterdir())
+
+
 def _refuse_foreign(out: Path) -> None:
-    """Refuse an OUT that holds something other than a synthetic set (a lock, a killed writer's partials
-    aside)."""
+    """Refuse an OUT that holds something other than a synthetic set (a lock, a writer's partials aside)."""
     if not out.is_dir() or (out / MANIFEST).exists():
         return
-    if any(p.name != locks.LOCK_NAME and not files.is_partial(p.name) for p in out.iterdir()):
+    if not being_started(out):
         raise StemdlError(f"{out} exists and is not a stemdl synthetic data set (no {MANIFEST}); "
                           "refusing to write into it")
 

@@ -31,12 +31,9 @@ from importlib import resources
 
 import numpy as np
 
-# CODATA 2018
-H_PLANCK = 6.62607015e-34  # J s
-M_ELECTRON = 9.1093837015e-31  # kg
-E_CHARGE = 1.602176634e-19  # C
-C_LIGHT = 299792458.0  # m/s
-M0C2_KEV = M_ELECTRON * C_LIGHT**2 / E_CHARGE / 1e3  # 510.999 keV
+# The electron's wavelength and γ live in stemdl.physics.electrons (shared with multislice).
+from stemdl.physics.electrons import gamma as gamma_factor
+from stemdl.physics.electrons import wavelength as wavelength_angstrom
 
 ELEMENTS = (
     "H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr "
@@ -46,18 +43,6 @@ ELEMENTS = (
 Z_MAX = len(ELEMENTS)  # 98: the table covers H..Cf
 
 _PARAMS_FILE = "atomic_scattering_params.json"
-
-
-def wavelength_angstrom(energy_keV: float) -> float:
-    """Relativistic electron wavelength λ = h / sqrt(2 m₀ e E (1 + e E / 2 m₀ c²)) in Å."""
-    e_joule = float(energy_keV) * 1e3 * E_CHARGE
-    p = np.sqrt(2.0 * M_ELECTRON * e_joule * (1.0 + e_joule / (2.0 * M_ELECTRON * C_LIGHT**2)))
-    return float(H_PLANCK / p * 1e10)
-
-
-def gamma_factor(energy_keV: float) -> float:
-    """Relativistic factor γ = m/m₀ = 1 + E / m₀c²."""
-    return 1.0 + float(energy_keV) / M0C2_KEV
 
 
 @lru_cache(maxsize=1)

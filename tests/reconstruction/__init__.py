@@ -1,0 +1,1 @@
+"""Tests of the reconstruction workload (a package: its module names repeat the top level's)."""

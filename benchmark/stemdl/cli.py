@@ -10,6 +10,7 @@
     stemdl convert DIR SHARDS --size 128        # preprocessed uint8 shards + manifest (mpiexec for many ranks)
     stemdl eda DIR --out report                 # exploratory analysis: counts, imbalance, lattices, PCA
     stemdl ablate imbalance --out results       # losses, samplers, ensembles on an imbalanced synthetic set
+    stemdl simulate cbed --structure X.cif ...  # dynamical (multislice) CBED, or `potential`, of a crystal
 
 Each module named in COMMANDS provides `configure(parser)` and `run(args) -> int`; it is imported only when
 its command runs, so `stemdl validate` does not pay for importing torch or pyxtal. A `StemdlError` is
@@ -42,6 +43,7 @@ COMMANDS = {
     "eda": ("stemdl.workloads.spacegroup.eda", "exploratory data analysis report (Markdown, PNG, JSON) of a data set"),
     "ablate": ("stemdl.workloads.spacegroup.ablate", "ablations of the data challenge: imbalance methods, multi-task heads"),
     "bench": ("stemdl.workloads.spacegroup.bench", "measure the speed of a part of the harness (prints figures)"),
+    "simulate": ("stemdl.physics.commands", "dynamical CBED patterns or projected potentials of a crystal from a CIF (multislice)"),
 }
 
 

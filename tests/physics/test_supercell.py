@@ -24,16 +24,6 @@ A_MG, C_MG = 3.209, 5.211
 
 
 @pytest.fixture(scope="module")
-def si():
-    return Structure.from_spacegroup("Fd-3m", Lattice.cubic(A_SI), ["Si"], [[0, 0, 0]])
-
-
-@pytest.fixture(scope="module")
-def gaas():
-    return Structure.from_spacegroup("F-43m", Lattice.cubic(A_GAAS), ["Ga", "As"], [[0, 0, 0], [0.25] * 3])
-
-
-@pytest.fixture(scope="module")
 def mg():
     """hcp Mg, P6_3/mmc, 2 atoms."""
     lattice = Lattice.hexagonal(A_MG, C_MG)

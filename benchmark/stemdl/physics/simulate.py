@@ -30,7 +30,12 @@ from stemdl.physics.supercell import Supercell, orthogonal_supercell
 from stemdl.physics.waves import FFT_PRIMES, Grid, propagator
 from stemdl.physics.electrons import wavelength
 
-SLICE_A = 2.0  # default slice thickness: converged to ~1e-3 for 100-300 keV (docs/physics.md)
+SLICE_A = 2.0  # default slice thickness: 5e-4..2e-2 of the pattern (L1) from 0.25 Å slices (docs/physics.md)
+# The finest real-space pixel the specimen needs whatever the detector: the potential's cores must be
+# resolved. A grid sampled only for the detector's angle (0.4 Å at 20 mrad) is 30 % (Si) to 170 % (GaAs)
+# off in L1 at 10 nm and gets the sign of GaAs's Friedel asymmetry wrong; 0.1 Å is within 1-5 %
+# (docs/physics.md, "Convergence").
+SAMPLING_A = 0.1
 MIN_EXTENT_A = 40.0  # a converged probe's tails (a few λ/α) stay inside the cell at the usual angles
 
 
@@ -84,17 +89,24 @@ def _axis(length: float, needed_extent: float, needed_gpts_per_A: float) -> tupl
 
 
 def plan_cbed(structure, zone, *, energy_keV: float, max_angle_mrad: float, size: int | None = None,
-              slice_A: float = SLICE_A, min_extent_A: float = MIN_EXTENT_A, max_strain: float = 1e-3) -> Plan:
+              slice_A: float = SLICE_A, min_extent_A: float = MIN_EXTENT_A, max_strain: float = 1e-3,
+              max_repeat: int = 8, sampling_A: float | None = SAMPLING_A) -> Plan:
     """The specimen and grid for patterns out to max_angle_mrad (the detector's half-width) on a
-    size x size detector (None: no detector, the simulation's own pixels)."""
+    size x size detector (None: no detector, the simulation's own pixels), with real-space pixels no
+    larger than sampling_A Å (None: only as fine as the detector's angle needs; fast, not converged).
+    max_strain and max_repeat bound the search for the orthogonal cell (`supercell.orthogonal_supercell`)."""
     if not (energy_keV > 0 and max_angle_mrad > 0 and slice_A > 0):
         raise ValueError(f"energy {energy_keV} keV, max angle {max_angle_mrad} mrad and slice {slice_A} Å "
                          "must be positive")
-    cell = orthogonal_supercell(structure, zone, max_strain=max_strain)
+    cell = orthogonal_supercell(structure, zone, max_strain=max_strain, max_repeat=max_repeat)
     lam = wavelength(energy_keV)
     # λ/L (rad) no coarser than a detector pixel 2A/S: each detector pixel gets at least one sample
     extent = max(min_extent_A, lam * size / (2e-3 * max_angle_mrad)) if size else min_extent_A
-    per_A = 3.0 * max_angle_mrad * 1e-3 / lam
+    per_A = 3.0 * max_angle_mrad * 1e-3 / lam  # the bandwidth limit (2/3 of Nyquist) reaches the detector
+    if sampling_A is not None:
+        if not sampling_A > 0:
+            raise ValueError(f"sampling {sampling_A} Å must be positive")
+        per_A = max(per_A, 1.0 / sampling_A)
     (tx, nx), (ty, ny) = (_axis(cell.extent[i], extent, per_A) for i in (0, 1))
     grid = Grid((tx * cell.extent[0], ty * cell.extent[1]), (tx * nx, ty * ny), energy_keV)
     n_slices, dz = slice_geometry(cell.extent[2], slice_A)
@@ -127,21 +139,25 @@ def _check_thicknesses(thicknesses_A: Sequence[float]) -> list[float]:
 
 def cbed(structure, zone, *, energy_keV: float, semi_angle_mrad: float, thicknesses_A: Sequence[float],
          max_angle_mrad: float, size: int, scan: int | None = None, defocus_A: float = 0.0, cs_mm: float = 0.0,
-         slice_A: float = SLICE_A, device=None, dtype=torch.complex64, chunk: int = 16,
-         plan: Plan | None = None) -> tuple[np.ndarray, Plan]:
+         slice_A: float = SLICE_A, sampling_A: float | None = SAMPLING_A, device=None, dtype=torch.complex64,
+         chunk: int = 16, plan: Plan | None = None, debye_waller: float = 0.0, tilt_mrad=(0.0, 0.0),
+         center_mrad=(0.0, 0.0)) -> tuple[np.ndarray, Plan]:
     """CBED patterns float32 (len(thicknesses_A), size, size) and the plan, in one multislice pass.
 
     Pixel (i, j) is centred on the angle ((j − S/2)·2A/S, (i − S/2)·2A/S) mrad (`multislice.to_detector`),
-    A = max_angle_mrad. One probe at the specimen's centre, or with `scan` the average over scan x scan
-    positions spanning one cell (as the public data: 8 x 8).
+    A = max_angle_mrad, the transmitted beam at center_mrad. One probe at the specimen's centre, or with
+    `scan` the average over scan x scan positions spanning one cell (as the public data: 8 x 8).
+    `debye_waller` is B in Å² for every atom; `tilt_mrad` tilts the beam off the zone axis along the
+    specimen's (x, y) (carried by the propagator, `waves.propagator`): the pattern stays centred on the
+    transmitted beam, pass center_mrad=tilt_mrad for the zone axis's frame instead.
     """
     thicknesses = _check_thicknesses(thicknesses_A)
     plan = plan or plan_cbed(structure, zone, energy_keV=energy_keV, max_angle_mrad=max_angle_mrad,
-                             size=size, slice_A=slice_A)
-    t = specimen(plan, device, dtype)
-    prop = propagator(plan.grid, plan.dz_A, device=t.device, dtype=dtype)
+                             size=size, slice_A=slice_A, sampling_A=sampling_A)
+    t = specimen(plan, device, dtype, debye_waller=debye_waller)
+    prop = propagator(plan.grid, plan.dz_A, tilt_mrad=tilt_mrad, device=t.device, dtype=dtype)
     save_at = [plan.repeats(x) * plan.n_slices for x in thicknesses]
-    detector = lambda p: to_detector(p, plan.grid, max_angle_mrad, size)  # noqa: E731
+    detector = lambda p: to_detector(p, plan.grid, max_angle_mrad, size, center_mrad)  # noqa: E731
     out = _cbed(plan.grid, t, prop, probe_positions(plan, scan), save_at, semi_angle_mrad=semi_angle_mrad,
                 defocus_A=defocus_A, cs_mm=cs_mm, chunk=chunk, detector=detector)
     return out.cpu().numpy().astype(np.float32), plan
@@ -149,13 +165,13 @@ def cbed(structure, zone, *, energy_keV: float, semi_angle_mrad: float, thicknes
 
 def four_d_stem(structure, zone, *, energy_keV: float, semi_angle_mrad: float, thicknesses_A: Sequence[float],
                 max_angle_mrad: float, size: int, positions_A, defocus_A: float = 0.0, cs_mm: float = 0.0,
-                slice_A: float = SLICE_A, device=None, dtype=torch.complex64, chunk: int = 16,
-                plan: Plan | None = None) -> tuple[np.ndarray, Plan]:
+                slice_A: float = SLICE_A, sampling_A: float | None = SAMPLING_A, device=None,
+                dtype=torch.complex64, chunk: int = 16, plan: Plan | None = None) -> tuple[np.ndarray, Plan]:
     """One pattern per probe position: float32 (len(thicknesses_A), P, size, size), positions (P, 2) in Å
     of the specimen (`plan.grid.extent`; the cell's origin at 0). Detector as in `cbed`."""
     thicknesses = _check_thicknesses(thicknesses_A)
     plan = plan or plan_cbed(structure, zone, energy_keV=energy_keV, max_angle_mrad=max_angle_mrad,
-                             size=size, slice_A=slice_A)
+                             size=size, slice_A=slice_A, sampling_A=sampling_A)
     t = specimen(plan, device, dtype)
     prop = propagator(plan.grid, plan.dz_A, device=t.device, dtype=dtype)
     save_at = [plan.repeats(x) * plan.n_slices for x in thicknesses]

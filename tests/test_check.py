@@ -238,7 +238,7 @@ def test_unknown_division_fails(log, division):
 def test_other_benchmark_fails(log):
     submission = {M.SUBMISSION_BENCHMARK: "cosmoflow", M.SUBMISSION_ORG: "lab", M.SUBMISSION_DIVISION: "closed",
                   M.SUBMISSION_STATUS: "onprem", M.SUBMISSION_PLATFORM: "cpu"}
-    assert "submission_benchmark 'cosmoflow' is not a registered benchmark (stemdl)" in \
+    assert "submission_benchmark 'cosmoflow' is not a registered benchmark (stemdl, stemdl_reconstruction)" in \
         failures(simulate(log, submission=submission))
 
 
@@ -339,9 +339,11 @@ def test_rule_keys_are_known_constants():
 
 def test_written_rule_files_are_what_the_check_uses_and_the_official_checker_takes(log, tmp_path, monkeypatch):
     written = check.write_rules(REGISTRY, tmp_path)
-    assert sorted(p.name for p in written) == ["closed_stemdl.yaml", "open_stemdl.yaml"]
+    assert sorted(p.name for p in written) == [f"{division}_{name}.yaml" for division in ("closed", "open")
+                                               for name in sorted(REGISTRY)]
     for path in written:
-        assert yaml.safe_load(path.read_text()) == R.rules(WORKLOAD, path.name.split("_")[0])
+        division, name = path.stem.split("_", 1)
+        assert yaml.safe_load(path.read_text()) == R.rules(REGISTRY[name], division)
     # The official checker alone, its rule files beside ours (it looks beside its module), passes a good
     # log and fails one that never reached the target.
     official = Path(mlp_compliance.__file__).parent / "hpc_3.0.0"

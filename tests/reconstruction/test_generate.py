@@ -98,3 +98,25 @@ def test_settings_are_checked_and_an_impossible_draw_fails_clearly():
         make_sample(rng(0), SampleSettings(scan_A=40.0))
     with pytest.raises(StemdlError, match="no crystal .* in 2 tries"):
         make_sample(rng(0), SampleSettings(thickness_A=1.0, max_tries=2))  # every cell is deeper
+
+
+def test_a_specimen_with_a_flat_target_is_drawn_again(monkeypatch):
+    from stemdl.workloads.reconstruction import generate
+
+    settings = SampleSettings(scan=2, pattern_size=32, target_size=16, sampling_A=None, max_tries=3)
+    real, calls = generate.simulate_sample, []
+
+    def flat_first(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 1:
+            raise generate.FlatTarget("cannot z-score a constant target")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "simulate_sample", flat_first)
+    cbed, potential, _ = make_sample(rng(3), settings)
+    assert len(calls) == 2 and cbed.shape == (4, 32, 32) and np.isfinite(potential).all()
+    monkeypatch.setattr(generate, "simulate_sample", lambda *a, **k: (_ for _ in ()).throw(generate.FlatTarget("x")))
+    with pytest.raises(StemdlError, match="3 specimens in a row had a flat target"):
+        make_sample(rng(3), settings)
+    with pytest.raises(StemdlError, match="sampling_A positive"):
+        make_sample(rng(3), SampleSettings(sampling_A=0.0))

@@ -11,4 +11,5 @@ from stemdl.harness.workload import Registry
 
 REGISTRY = Registry({
     "stemdl": "stemdl.workloads.spacegroup.workload",  # benchmark 1: space-group classification
+    "stemdl_reconstruction": "stemdl.workloads.reconstruction.workload",  # benchmark 2: the projected potential
 }, default="stemdl")

@@ -73,6 +73,9 @@ class SampleSettings:
     max_specimen_A: float = 60.0  # a zone whose tiled specimen is wider (a big cell) is passed over
     slice_A: float = simulate.SLICE_A
     max_tries: int = 20  # crystals drawn before giving up
+    # the specimen's real-space pixel at most this (Å): the engine's converged default; None: only as fine
+    # as the detector's angle needs (about 4x faster at the CPU sizes, not converged: `simulate.plan_cbed`)
+    sampling_A: float | None = simulate.SAMPLING_A
 
     def check(self) -> None:
         problems = []
@@ -88,6 +91,8 @@ class SampleSettings:
             problems.append("semi_angle_mrad within the detector (max_angle_mrad)")
         if not self.space_groups or not all(1 <= int(g) <= 230 for g in self.space_groups):
             problems.append("space_groups a non-empty list of numbers in 1..230")
+        if self.sampling_A is not None and not self.sampling_A > 0:
+            problems.append("sampling_A positive, or None")
         if self.max_specimen_A < 2 * self.scan_A or self.zones < 1 or self.max_tries < 1:
             problems.append("max_specimen_A >= 2·scan_A, zones >= 1, max_tries >= 1")
         if problems:
@@ -164,7 +169,7 @@ def plan_for(structure, zone, conditions: Conditions, settings: SampleSettings) 
     """The specimen for a zone: ValueError where the zone has no orthogonal cell, is too big or too deep."""
     plan = simulate.plan_cbed(structure, zone, energy_keV=conditions.energy_keV,
                               max_angle_mrad=settings.max_angle_mrad, size=settings.pattern_size,
-                              slice_A=settings.slice_A,
+                              slice_A=settings.slice_A, sampling_A=settings.sampling_A,
                               min_extent_A=max(simulate.MIN_EXTENT_A, 2.0 * settings.scan_A))
     if max(plan.grid.extent) > settings.max_specimen_A or plan.cell.extent[2] > settings.thickness_A:
         raise ValueError(f"zone {tuple(zone)}: specimen {plan.grid.extent[0]:.1f} x {plan.grid.extent[1]:.1f} Å, "
@@ -173,20 +178,29 @@ def plan_for(structure, zone, conditions: Conditions, settings: SampleSettings) 
     return plan
 
 
+class FlatTarget(ValueError):
+    """The target has no contrast at its resolution (a projected period below the filter's reach)."""
+
+
 def simulate_sample(structure, zone, conditions: Conditions, settings: SampleSettings,
                     plan: simulate.Plan | None = None) -> Simulated:
-    """The patterns and the target of one crystal along one zone (see the module docstring)."""
+    """The patterns and the target of one crystal along one zone (see the module docstring); FlatTarget,
+    before any multislice, where the target would be constant."""
     plan = plan or plan_for(structure, zone, conditions, settings)
     geometry = ScanGeometry.centred(plan, settings)
-    out, _ = simulate.four_d_stem(structure, zone, energy_keV=conditions.energy_keV,
-                                  semi_angle_mrad=conditions.semi_angle_mrad, thicknesses_A=[settings.thickness_A],
-                                  max_angle_mrad=settings.max_angle_mrad, size=settings.pattern_size,
-                                  positions_A=geometry.positions_A(), cs_mm=conditions.cs_mm, plan=plan)
     # the slices simulate.specimen transmits (same call, same dtype), of one cell: the specimen repeats it
     slices = slice_potentials(plan.cell, plan.cell_gpts, plan.dz_A, dtype=torch.float32).numpy()
     xs, ys = geometry.target_axes()
     phase = phase_image(slices, interaction_parameter(conditions.energy_keV), plan.cell.extent[:2], xs, ys)
-    return Simulated(out[0], phase, zscore(phase, what="target"), plan, geometry, conditions,
+    try:
+        target = zscore(phase, what="target")
+    except ValueError as exc:
+        raise FlatTarget(str(exc)) from None
+    out, _ = simulate.four_d_stem(structure, zone, energy_keV=conditions.energy_keV,
+                                  semi_angle_mrad=conditions.semi_angle_mrad, thicknesses_A=[settings.thickness_A],
+                                  max_angle_mrad=settings.max_angle_mrad, size=settings.pattern_size,
+                                  positions_A=geometry.positions_A(), cs_mm=conditions.cs_mm, plan=plan)
+    return Simulated(out[0], phase, target, plan, geometry, conditions,
                      plan.repeats(settings.thickness_A) * plan.cell.extent[2])
 
 
@@ -220,8 +234,16 @@ def make_sample(rng: np.random.Generator, settings: SampleSettings = SampleSetti
     the intensities as fractions of the incident beam).
     """
     settings.check()
-    crystal, zone, conditions, plan = draw_specimen(rng, settings)
-    sim = simulate_sample(crystal.structure, zone, conditions, settings, plan)
+    for _ in range(settings.max_tries):  # a specimen whose target is flat is drawn again (rare)
+        crystal, zone, conditions, plan = draw_specimen(rng, settings)
+        try:
+            sim = simulate_sample(crystal.structure, zone, conditions, settings, plan)
+            break
+        except FlatTarget:
+            continue
+    else:
+        raise StemdlError(f"{settings.max_tries} specimens in a row had a flat target at "
+                          f"{settings.target_size} px over {settings.scan_A} Å")
     geometry, patterns = sim.geometry, sim.patterns.astype(np.float64)
     attributes = {
         "space_group": crystal.space_group,

@@ -9,4 +9,7 @@ projected potentials in V·Å. Modules:
 * `potential`: projected potentials of the slices of a supercell on a grid.
 * `waves`: the simulation grid, probes, plane waves, propagators and the bandwidth limit.
 * `multislice`: propagation through the slices, and the patterns made from the exit waves.
+* `simulate`: the front door: plan a CBED/4D-STEM simulation of a crystal, run it, projected potentials.
+* `bloch`: Bloch-wave LACBED (structure matrix per incident direction), and the same by multislice.
+* `commands`: `stemdl simulate cbed|potential`; `figures`: the montage of docs/physics.md.
 """

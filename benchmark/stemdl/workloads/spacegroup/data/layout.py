@@ -6,7 +6,8 @@ in `train/`, `dev/`, `test/` folders; one HDF5 group `sample_I_J` per sample hol
 h5py returns them from the real files (space_group and material are numpy bytes, formula is str, ...).
 
 The synthetic generator writes the same layout plus the attributes in `OPTIONAL_ATTRS` (the verified
-crystal structure, the diffraction class, the thickness), which a reader of the real data never needs.
+crystal structure, the diffraction class, the thickness, and for multislice patterns how they were
+simulated), which a reader of the real data never needs.
 This module is the only place that knows the names and types; `encode_attrs` and `decode_attrs` are
 inverse to each other.
 """
@@ -75,6 +76,12 @@ OPTIONAL_ATTRS = (
     AttrSpec("structure_frac_coords", "float_array", None, "fractional positions, (N, 3)"),
     AttrSpec("structure_numbers", "int_array", None, "atomic numbers, (N,)"),
     AttrSpec("thickness_nm", "float_array", (3,), "specimen thickness per pattern"),
+    AttrSpec("physics", "str", (), "how the patterns were simulated: 'multislice' (absent: kinematic)"),
+    AttrSpec("scan", "int", (), "multislice: the probe averaged over scan x scan positions of one cell"),
+    AttrSpec("slice_angstrom", "float_array", (3,), "multislice: slice thickness per pattern"),
+    AttrSpec("grid_gpts", "int_array", (3, 2), "multislice: simulation grid points (Nx, Ny) per pattern"),
+    AttrSpec("grid_extent_angstrom", "float_array", (3, 2), "multislice: simulated specimen (Lx, Ly) per pattern"),
+    AttrSpec("cell_strain", "float_array", (3,), "multislice: strain that made the cell orthogonal, per pattern"),
 )
 
 ATTRS = {spec.name: spec for spec in REQUIRED_ATTRS + OPTIONAL_ATTRS}
@@ -90,6 +97,18 @@ class Structure:
 
     def spglib_cell(self):
         return (self.lattice, self.frac_coords, self.numbers)
+
+
+@dataclass(frozen=True, eq=False)
+class Simulation:
+    """How the patterns of a sample were simulated, where not kinematically: one entry per pattern."""
+
+    physics: str  # "multislice"
+    scan: int  # the probe averaged over scan x scan positions spanning one orthogonal cell
+    slice_angstrom: np.ndarray  # (3,) slice thickness in angstrom
+    grid_gpts: np.ndarray  # (3, 2) int, grid points (Nx, Ny) of the simulated specimen
+    grid_extent_angstrom: np.ndarray  # (3, 2) its lateral extent (Lx, Ly) in angstrom
+    cell_strain: np.ndarray  # (3,) strain applied to make the cell orthogonal (0: exact)
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +128,7 @@ class SampleRecord:
     kinematic_class: int | None = None
     structure: Structure | None = None
     thickness_nm: np.ndarray | None = None
+    simulation: Simulation | None = None  # None: kinematic
 
 
 def split_of(filename: str) -> str | None:
@@ -139,7 +159,17 @@ def encode_attrs(rec: SampleRecord) -> dict:
         attrs["structure_numbers"] = np.asarray(rec.structure.numbers, dtype=np.int64).reshape(-1)
     if rec.thickness_nm is not None:
         attrs["thickness_nm"] = np.asarray(rec.thickness_nm, dtype=np.float64).reshape(3)
+    if rec.simulation is not None:
+        attrs.update(_simulation_attrs(rec.simulation))
     return attrs
+
+
+def _simulation_attrs(sim: Simulation) -> dict:
+    return {"physics": str(sim.physics), "scan": np.int64(sim.scan),
+            "slice_angstrom": np.asarray(sim.slice_angstrom, dtype=np.float64).reshape(3),
+            "grid_gpts": np.asarray(sim.grid_gpts, dtype=np.int64).reshape(3, 2),
+            "grid_extent_angstrom": np.asarray(sim.grid_extent_angstrom, dtype=np.float64).reshape(3, 2),
+            "cell_strain": np.asarray(sim.cell_strain, dtype=np.float64).reshape(3)}
 
 
 def parse_label(raw) -> int:
@@ -210,6 +240,18 @@ def _structure(attrs, arrays) -> Structure | None:
     return Structure(lattice, frac, numbers)
 
 
+SIMULATION_ARRAYS = ("slice_angstrom", "grid_gpts", "grid_extent_angstrom", "cell_strain")
+
+
+def _simulation(attrs, arrays) -> Simulation | None:
+    if "physics" not in attrs:
+        return None
+    physics = _text(attrs["physics"], "physics")
+    if "scan" not in attrs or any(arrays.get(k) is None for k in SIMULATION_ARRAYS):
+        raise ValueError(f"stored {physics} simulation is incomplete")
+    return Simulation(physics, _int(attrs["scan"], "scan"), *(arrays[k] for k in SIMULATION_ARRAYS))
+
+
 def decode_attrs(attrs, path, group) -> SampleRecord:
     """A `SampleRecord` from a group's attributes (any mapping).
 
@@ -230,6 +272,7 @@ def decode_attrs(attrs, path, group) -> SampleRecord:
         "kinematic_class": _collect(problems, _int, attrs["kinematic_class"], "kinematic_class")
         if "kinematic_class" in attrs else None,
         "structure": _collect(problems, _structure, attrs, present),
+        "simulation": _collect(problems, _simulation, attrs, present),
     }
     if problems:
         raise DataError(path, "; ".join(problems), group)

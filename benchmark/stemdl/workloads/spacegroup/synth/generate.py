@@ -5,7 +5,8 @@
     stemdl synth data/mine --preset full --samples 20000 --space-groups 1-230 --distribution uniform
 
 Each sample is one random crystal of the requested space group, verified with spglib (crystals.py), seen
-along its three shortest inequivalent zone axes (zones.py) as kinematic/two-beam CBED patterns (cbed.py).
+along its three shortest inequivalent zone axes (zones.py) as kinematic/two-beam CBED patterns (cbed.py),
+or with `--physics multislice` as dynamical ones (dynamical.py: minutes a sample on a CPU core).
 Files are `OUT/{train,dev,test}/batch_{split}_N.h5` like the public set, and like it they are not shuffled:
 samples are ordered by space group within a split.
 
@@ -68,13 +69,22 @@ class SynthConfig:
     rotate: bool = True  # random in-plane rotation of each pattern (False: y_dirs from the lattice)
     detector_mrad: float = 50.0  # scattering angle at the image edge (half-width)
     debye_waller: tuple = (0.3, 1.0)  # B in angstrom^2, drawn per material
+    physics: str = "kinematic"  # kinematic | multislice (RENDERERS)
+    scan: int = 8  # multislice: the probe averaged over scan x scan positions of one cell (public data: 8)
 
     def content(self) -> dict:
-        """The fields that determine the data (not the description): compared when resuming."""
+        """The fields that determine the data (not the description): compared when resuming. `scan`
+        only where it changes the bytes (multislice)."""
         d = dataclasses.asdict(self)
         d.pop("description")
         d.pop("preset")
+        if self.physics == "kinematic":
+            d.pop("scan")
         return json.loads(json.dumps(d))  # tuples -> lists, as stored in the manifest
+
+    def same_data(self, stored: dict | None) -> bool:
+        """A manifest's `config` describes this data; one written before `physics` existed is kinematic."""
+        return isinstance(stored, dict) and {"physics": "kinematic", **stored} == self.content()
 
 
 # ---------------------------------------------------------------- configuration
@@ -135,7 +145,7 @@ def resolve_config(args: argparse.Namespace) -> SynthConfig:
     unknown = set(values) - {f.name for f in dataclasses.fields(SynthConfig)}
     if unknown:
         raise StemdlError(f"preset {args.preset}: unknown key(s) {', '.join(sorted(unknown))}")
-    for name in ("seed", "distribution", "samples_per_file", "image_size"):
+    for name in ("seed", "distribution", "samples_per_file", "image_size", "physics", "scan"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     if args.space_groups is not None:
@@ -161,7 +171,8 @@ def resolve_config(args: argparse.Namespace) -> SynthConfig:
 def preset_config(preset: str, **options) -> SynthConfig:
     """`resolve_config` for callers in code: a preset, then options named as on the command line."""
     values = dict(preset=preset, seed=None, distribution=None, space_groups=None, samples=None,
-                  samples_per_file=None, image_size=None, no_noise=False, distinguishable=False, rotate=None)
+                  samples_per_file=None, image_size=None, no_noise=False, distinguishable=False, rotate=None,
+                  physics=None, scan=None)
     unknown = set(options) - set(values)
     if unknown:
         raise TypeError(f"preset_config: unknown option(s) {', '.join(sorted(unknown))}")
@@ -190,6 +201,9 @@ def check_config(cfg: SynthConfig) -> None:
         raise StemdlError("samples: nothing to generate")
     if cfg.samples_per_file < 1 or not 16 <= cfg.image_size <= 4096:
         raise StemdlError("--samples-per-file must be >= 1 and --image-size within 16..4096")
+    if cfg.physics not in RENDERERS or int(cfg.scan) < 1:
+        raise StemdlError(f"--physics {cfg.physics!r}, --scan {cfg.scan}: choose {' or '.join(RENDERERS)}, "
+                          "and a scan of 1 or more")
 
 
 # ---------------------------------------------------------------- the plan
@@ -236,8 +250,41 @@ def file_path(out: Path, split: str, number: int) -> Path:
 # ---------------------------------------------------------------- one sample
 
 
-def make_sample(cfg: SynthConfig, split: str, index: int, label: int):
-    """The image stack and record of sample `index` of `split`: a pure function of its arguments."""
+def _kinematic(structure, spec, rng, cfg: SynthConfig, device=None):
+    from stemdl.workloads.spacegroup.synth import cbed
+
+    image, y_dir = cbed.render(structure, spec, rng)
+    return image, y_dir, None
+
+
+def _multislice(structure, spec, rng, cfg: SynthConfig, device=None):
+    from stemdl.workloads.spacegroup.synth import cbed, dynamical
+
+    noise = rng.spawn(1)[0]  # this pattern's own noise stream: it leaves rng where it was
+    if spec.dose is not None:
+        # The kinematic pattern's Poisson noise takes a data-dependent number of draws from rng: replaying it
+        # (a few ms against the multislice's seconds) keeps every later draw, so every later pattern's
+        # thickness, rotation and mistilt, the same as the kinematic set's of the same seed.
+        cbed.render(structure, spec, rng)
+    return dynamical.render(structure, spec, noise, scan=cfg.scan, device=device)
+
+
+# physics -> renderer(structure, spec, rng, cfg, device) -> (image, y_dir, dynamical.Simulated or None)
+RENDERERS = {"kinematic": _kinematic, "multislice": _multislice}
+
+
+def _simulation(cfg: SynthConfig, done) -> layout.Simulation | None:
+    """The sample's record of how its patterns were simulated (None for kinematic ones)."""
+    if cfg.physics == "kinematic":
+        return None
+    return layout.Simulation(cfg.physics, cfg.scan, np.array([d.slice_A for d in done]),
+                             np.array([d.gpts for d in done]), np.array([d.extent_A for d in done]),
+                             np.array([d.strain for d in done]))
+
+
+def make_sample(cfg: SynthConfig, split: str, index: int, label: int, device=None):
+    """The image stack and record of sample `index` of `split`: a pure function of its arguments.
+    `device` is where multislice runs (the synth's own runs stay on the CPU; `stemdl bench physics`)."""
     from stemdl.workloads.spacegroup.synth import cbed, crystals, diffclass, zones
 
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, SPLIT_IDS[split], index]))
@@ -245,7 +292,7 @@ def make_sample(cfg: SynthConfig, split: str, index: int, label: int):
     axes = zones.zone_axes(crystal.structure, n=layout.N_PATTERNS)
     energy = int(rng.choice(cfg.energies_keV))
     b_factor = float(rng.uniform(*cfg.debye_waller))
-    images, y_dirs, alphas, d_hkls, thickness = [], [], [], [], []
+    images, y_dirs, alphas, d_hkls, thickness, done = [], [], [], [], [], []
     for axis in axes:
         spec = cbed.random_spec(crystal.structure, axis, energy, rng, debye_waller=b_factor,
                                 size=cfg.image_size, max_angle_rad=cfg.detector_mrad * 1e-3,
@@ -253,19 +300,20 @@ def make_sample(cfg: SynthConfig, split: str, index: int, label: int):
                                 dose=cfg.dose)
         if not cfg.rotate:
             spec = dataclasses.replace(spec, rotation_rad=0.0)
-        image, y_dir = cbed.render(crystal.structure, spec, rng)
+        image, y_dir, simulated = RENDERERS[cfg.physics](crystal.structure, spec, rng, cfg, device)
         images.append(image)
         y_dirs.append(y_dir)
         alphas.append(spec.semi_angle_rad)
         d_hkls.append(cbed.semi_angle(crystal.structure, axis, energy)[1])
-        thickness.append(spec.thickness_nm)
+        thickness.append(spec.thickness_nm if simulated is None else simulated.thickness_nm)
+        done.append(simulated)
     record = layout.SampleRecord(
         space_group=crystal.space_group, material=f"syn-{cfg.seed}-{split}-{index}", formula=crystal.formula,
         energy_keV=energy, z_dirs=np.asarray(axes, dtype=np.int64), y_dirs=np.asarray(y_dirs),
         semi_angles_rad=np.asarray(alphas), d_hkls_angstrom=np.asarray(d_hkls),
         abc_angstrom=np.asarray(crystal.abc), angles_degree=np.asarray(crystal.angles),
         kinematic_class=diffclass.diffraction_class(crystal.space_group), structure=crystal.structure,
-        thickness_nm=np.asarray(thickness))
+        thickness_nm=np.asarray(thickness), simulation=_simulation(cfg, done))
     return np.stack(images).astype(np.float32), record
 
 
@@ -347,7 +395,7 @@ def _finished(out: Path, cfg: SynthConfig) -> dict | None:
         manifest = _read_manifest(out)
     except StemdlError:
         return None  # said under the lock, by open_output
-    if not manifest or manifest.get("status") != "complete" or manifest.get("config") != cfg.content():
+    if not manifest or manifest.get("status") != "complete" or not cfg.same_data(manifest.get("config")):
         return None
     done = all(file_path(out, split, number).is_file() for split, number, _ in file_plan(cfg))
     return manifest if done else None
@@ -358,7 +406,7 @@ def open_output(out: Path, cfg: SynthConfig) -> dict:
     manifest_path = out / MANIFEST
     manifest = _read_manifest(out)
     if manifest is not None:
-        if manifest.get("config") != cfg.content():
+        if not cfg.same_data(manifest.get("config")):
             raise StemdlError(f"{out} holds a synthetic set made with other settings "
                               f"(see {manifest_path}); choose another OUT or the same settings to resume")
         return manifest
@@ -484,7 +532,8 @@ def _storage_error(exc: BaseException) -> OSError | None:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="output folder (created; an unfinished run there is resumed)")
-    parser.add_argument("--preset", default="default", help="tiny, default or full (default: %(default)s)")
+    parser.add_argument("--preset", default="default",
+                        help=f"one of {', '.join(presets())} (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="random seed (default: the preset's, 0)")
     parser.add_argument("--space-groups", help="e.g. '14,62,225', '1-230', 'real' (the 200 of the public set)")
     parser.add_argument("--distinguishable", action="store_true",
@@ -496,6 +545,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-noise", action="store_true", help="no Poisson dose noise")
     parser.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                         help="random in-plane rotation of each pattern (default: the preset's)")
+    parser.add_argument("--physics", choices=tuple(RENDERERS),
+                        help="kinematic (fast, the presets' default) or multislice (dynamical, minutes a sample)")
+    parser.add_argument("--scan", type=int, help="multislice: probe positions per cell edge, averaged "
+                                                 "(default: the preset's, else 8 as the public data)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="worker processes (default: %(default)s); the output does not depend on it")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -512,7 +565,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"stemdl synth {args.out}: preset {cfg.preset}, seed {cfg.seed}, "
               f"{len(cfg.space_groups)} space groups ({cfg.distribution}), samples {cfg.samples}, "
-              f"{cfg.image_size}x{cfg.image_size}, {args.workers} workers", file=sys.stderr)
+              f"{cfg.image_size}x{cfg.image_size}, {cfg.physics}, {args.workers} workers", file=sys.stderr)
     manifest = generate(args.out, cfg, workers=max(1, args.workers), quiet=args.quiet)
     total = sum(f["samples"] for f in manifest["files"].values())
     print(f"{args.out}: {total} samples in {len(manifest['files'])} files ({manifest['status']})")

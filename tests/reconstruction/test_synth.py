@@ -94,7 +94,7 @@ def test_the_plan_and_the_presets():
     assert [(s, k, list(r)) for s, k, r in file_plan(cfg)] == [
         ("train", 0, [0, 1]), ("train", 1, [2, 3]), ("dev", 0, [0]), ("test", 0, [0])]
     default = preset_config("default").sample_settings()
-    assert (default.scan, default.pattern_size, default.target_size) == (4, 64, 32)
+    assert (default.scan, default.pattern_size, default.target_size) == (8, 32, 16)
     ornl = preset_config("ornl").sample_settings()
     assert (ornl.scan, ornl.pattern_size, ornl.target_size) == (8, 256, 64)
     with pytest.raises(StemdlError, match="choose one of"):

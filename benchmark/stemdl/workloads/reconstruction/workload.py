@@ -60,10 +60,10 @@ class Reconstruction(Workload):
     title = "the projected potential of a scanned region from the CBED patterns of its probe grid"
     target_metric = "mae"
     target_title = "MAE"
-    # NOT YET CHOSEN (issue 15): the default recipe does not learn yet; all 5 seeds end at the level of a
-    # constant prediction (the training median scores 0.8255 on dev), so no value measures learning. This
-    # one only lets the plumbing run end to end; it is not a benchmark target.
-    target_value = 0.83
+    # PROVISIONAL (issue 15: to be chosen from 5 seeds, as MLPerf does). On the default data (8x8 probes
+    # over 8 Å, 16x16 target) a constant prediction scores 0.8045 on dev and one seed of the default recipe
+    # reached 0.553 in 40 epochs (0.732 at epoch 8): 0.70 asks for learning, with room for other seeds.
+    target_value = 0.70
     target_range = (0.0, 10.0)
     direction = "min"
     eval_every = 1

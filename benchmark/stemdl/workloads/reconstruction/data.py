@@ -28,7 +28,7 @@ import numpy as np
 from stemdl.harness import dist
 from stemdl.harness.errors import DataError, StemdlError
 from stemdl.workloads.reconstruction import layout
-from stemdl.workloads.spacegroup.synth.generate import MANIFEST, recorded_digests, sha256
+from stemdl.harness.synthset import MANIFEST, recorded_digests, sha256
 
 
 @dataclass

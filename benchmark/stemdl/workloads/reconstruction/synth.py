@@ -43,10 +43,9 @@ from stemdl.harness.progress import Progress
 from stemdl.workloads.reconstruction import layout
 from stemdl.workloads.reconstruction.generate import SampleSettings
 # synth.json as the space-group generator writes it: its helpers, not copies
-from stemdl.workloads.spacegroup.synth.generate import MANIFEST, being_started, sha256, write_json_atomic
-from stemdl.workloads.spacegroup.synth.generate import _read_manifest
+from stemdl.harness.synthset import MANIFEST, read_manifest, refuse_foreign, sha256, write_json_atomic
 
-__all__ = ["MANIFEST", "SynthConfig", "being_started", "generate", "preset_config"]
+__all__ = ["MANIFEST", "SynthConfig", "generate", "preset_config"]
 
 
 @dataclass(frozen=True)
@@ -163,7 +162,7 @@ def _task(args):
 def finished(out: Path, cfg: SynthConfig) -> dict | None:
     """The manifest when OUT already holds this set complete (read without the lock), else None."""
     try:
-        manifest = _read_manifest(out)
+        manifest = read_manifest(out)
     except StemdlError:
         return None  # said under the lock
     if not manifest or manifest.get("status") != "complete" or manifest.get("config") != cfg.content():
@@ -174,7 +173,7 @@ def finished(out: Path, cfg: SynthConfig) -> dict | None:
 def _open(out: Path, cfg: SynthConfig) -> tuple[dict, list]:
     """Under the lock: the manifest (new, or the existing one if it describes the same data) and the files
     still to write. A file under its final name is complete (renamed after closing): listed if it is not."""
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out)
     if manifest is None:
         manifest = {"generator": f"stemdl {__version__}", "benchmark": "stemdl_reconstruction",
                     "preset": cfg.preset, "description": cfg.description, "config": cfg.content(),
@@ -193,11 +192,6 @@ def _open(out: Path, cfg: SynthConfig) -> tuple[dict, list]:
             manifest["files"][rel] = {"samples": len(indices), "sha256": sha256(out / rel)}
     write_json_atomic(out / MANIFEST, manifest)
     return manifest, todo
-
-
-def _refuse_foreign(out: Path) -> None:
-    if out.exists() and not (out / MANIFEST).exists() and not being_started(out):
-        raise StemdlError(f"{out} exists and is not a stemdl data set (no {MANIFEST}); refusing to write into it")
 
 
 # ---------------------------------------------------------------- writing
@@ -259,7 +253,7 @@ def generate(out, cfg: SynthConfig, workers: int = 1, quiet: bool = False, wait:
             done = finished(out, cfg)
             if done is not None:
                 return done, []
-            _refuse_foreign(out)
+            refuse_foreign(out, "a stemdl data set")
             files.check_folder(out, "OUT")
             held.enter_context(locks.folder_lock(out, wait=wait, timeout=timeout, what=f"writing {out}"))
             return _open(out, cfg)

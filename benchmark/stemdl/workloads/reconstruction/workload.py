@@ -89,11 +89,11 @@ class Reconstruction(Workload):
     def ensure_data(self, cfg, env) -> Path:
         """The data folder; a synthetic one (absent, or made by the synth) generated or finished first,
         by every rank together (each writes its share of the files)."""
-        from stemdl.workloads.reconstruction.synth import (MANIFEST, being_started, default_workers, generate,
-                                                           preset_config)
+        from stemdl.harness.synthset import wants_generating
+        from stemdl.workloads.reconstruction.synth import default_workers, generate, preset_config
 
         root, preset = Path(cfg.harness.data), cfg.harness.synth_preset
-        if preset and (not root.exists() or (root / MANIFEST).exists() or being_started(root)):
+        if preset and wants_generating(root):
             generate(root, preset_config(preset), workers=default_workers(env))
         if not root.exists():
             raise StemdlError(f"--data {root}: no such folder")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stemdl.harness import dist, mlperf
+from stemdl.harness import dist, mlperf, synthset
 from stemdl.harness.data import Prepared, node_scope
 from stemdl.harness.errors import StemdlError
 
@@ -34,10 +34,8 @@ def ensure_data(cfg) -> Path:
     """The data folder. A synthetic one (absent, or made by `stemdl synth`) is generated or finished
     first by rank 0 (the others wait; an error there is raised on every rank). A folder that another run
     has only just started to generate (nothing but its lock yet) counts as synthetic: this run waits for it."""
-    from stemdl.workloads.spacegroup.synth.generate import MANIFEST, being_started
-
     root, preset = Path(cfg.harness.data), cfg.harness.synth_preset
-    if preset and (not root.exists() or (root / MANIFEST).exists() or being_started(root)):
+    if preset and synthset.wants_generating(root):
         dist.on_root(_generate, root, preset)
     if not root.exists():
         raise StemdlError(f"--data {root}: no such folder")

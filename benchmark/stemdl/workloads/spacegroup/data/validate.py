@@ -29,8 +29,8 @@ import h5py
 import numpy as np
 
 from stemdl.workloads.spacegroup.data import layout
-from stemdl.workloads.spacegroup.synth.generate import MANIFEST, recorded_digests
-from stemdl.workloads.spacegroup.synth.generate import sha256 as synth_sha256
+from stemdl.harness.synthset import MANIFEST, recorded_digests
+from stemdl.harness.synthset import sha256 as synth_sha256
 from stemdl.workloads.spacegroup.data.reader import (H5_ERRORS, DataFile, data_files, dataset_problems, default_workers, file_key,
                                 h5_reason, imap_files, shape_problem)
 from stemdl.harness import files

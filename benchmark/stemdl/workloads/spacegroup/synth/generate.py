@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import os
@@ -43,10 +42,10 @@ import yaml
 from stemdl import __version__
 from stemdl.workloads.spacegroup.data import layout
 from stemdl.harness import files, locks
-from stemdl.harness.errors import DataError, StemdlError
+from stemdl.harness.synthset import MANIFEST, read_manifest, refuse_foreign, sha256, write_json_atomic
+from stemdl.harness.errors import StemdlError
 from stemdl.harness.progress import Progress
 
-MANIFEST = "synth.json"
 SPLIT_IDS = {"train": 0, "dev": 1, "test": 2}
 
 
@@ -337,62 +336,10 @@ def _task(args):
 # ---------------------------------------------------------------- the output folder
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    files.write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
-def _read_manifest(out: Path) -> dict | None:
-    path = out / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise StemdlError(f"{path}: unreadable ({exc}); remove it or choose another OUT") from None
-
-
-def recorded_digests(out: Path) -> dict[str, str]:
-    """{path relative to OUT: SHA-256} of the finished files synth.json lists; {} without a synth.json."""
-    path = Path(out) / MANIFEST
-    if not path.exists():
-        return {}
-    try:
-        listed = json.loads(path.read_text())["files"]
-        return {str(rel): str(f["sha256"]) for rel, f in listed.items()}
-    except (OSError, ValueError) as exc:
-        raise DataError(path, f"unreadable ({exc})") from None
-    except (KeyError, TypeError, AttributeError):
-        raise DataError(path, "not a stemdl synth manifest (no sha256 per file)") from None
-
-
-def being_started(out: Path) -> bool:
-    """OUT holds nothing yet but a writer's traces (its lock, partials): a set some writer is starting, or
-    an empty folder. A run that finds its synthetic folder so must generate (wait for the writer) too."""
-    return out.is_dir() and not (out / MANIFEST).exists() and all(
-        p.name == locks.LOCK_NAME or files.is_transient(p.name) for p in out.iterdir())
-
-
-def _refuse_foreign(out: Path) -> None:
-    """Refuse an OUT that holds something other than a synthetic set (a lock, a writer's partials aside)."""
-    if not out.is_dir() or (out / MANIFEST).exists():
-        return
-    if not being_started(out):
-        raise StemdlError(f"{out} exists and is not a stemdl synthetic data set (no {MANIFEST}); "
-                          "refusing to write into it")
-
-
 def _finished(out: Path, cfg: SynthConfig) -> dict | None:
     """The manifest if OUT already holds this set complete (nothing to write, so no lock needed), else None."""
     try:
-        manifest = _read_manifest(out)
+        manifest = read_manifest(out)
     except StemdlError:
         return None  # said under the lock, by open_output
     if not manifest or manifest.get("status") != "complete" or not cfg.same_data(manifest.get("config")):
@@ -404,13 +351,13 @@ def _finished(out: Path, cfg: SynthConfig) -> dict | None:
 def open_output(out: Path, cfg: SynthConfig) -> dict:
     """The manifest of OUT: new, or the existing one if it describes the same data. Never clobbers."""
     manifest_path = out / MANIFEST
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out)
     if manifest is not None:
         if not cfg.same_data(manifest.get("config")):
             raise StemdlError(f"{out} holds a synthetic set made with other settings "
                               f"(see {manifest_path}); choose another OUT or the same settings to resume")
         return manifest
-    _refuse_foreign(out)
+    refuse_foreign(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"generator": f"stemdl {__version__}", "preset": cfg.preset, "description": cfg.description,
                 "config": cfg.content(), "status": "incomplete", "files": {}}
@@ -450,7 +397,7 @@ def generate(out: Path, cfg: SynthConfig, workers: int = 1, quiet: bool = False,
     manifest = _finished(out, cfg)
     if manifest is not None:
         return manifest
-    _refuse_foreign(out)  # before the lock file: a folder of the user's is never written into
+    refuse_foreign(out)  # before the lock file: a folder of the user's is never written into
     files.check_folder(out, "OUT")
     with locks.folder_lock(out, wait=wait, timeout=timeout, what=f"writing {out}"):
         try:

@@ -137,6 +137,18 @@ def _check_thicknesses(thicknesses_A: Sequence[float]) -> list[float]:
     return values
 
 
+def _pass(plan: Plan, thicknesses_A, max_angle_mrad, size, device, dtype, debye_waller=0.0, tilt_mrad=(0.0, 0.0),
+          center_mrad=(0.0, 0.0)):
+    """What one multislice pass over `plan` needs: transmissions, propagator, the slice counts of the
+    thicknesses (whole cell repeats) and the detector's resampling."""
+    thicknesses = _check_thicknesses(thicknesses_A)
+    t = specimen(plan, device, dtype, debye_waller=debye_waller)
+    prop = propagator(plan.grid, plan.dz_A, tilt_mrad=tilt_mrad, device=t.device, dtype=dtype)
+    save_at = [plan.repeats(x) * plan.n_slices for x in thicknesses]
+    detector = lambda p: to_detector(p, plan.grid, max_angle_mrad, size, center_mrad)  # noqa: E731
+    return t, prop, save_at, detector
+
+
 def cbed(structure, zone, *, energy_keV: float, semi_angle_mrad: float, thicknesses_A: Sequence[float],
          max_angle_mrad: float, size: int, scan: int | None = None, defocus_A: float = 0.0, cs_mm: float = 0.0,
          slice_A: float = SLICE_A, sampling_A: float | None = SAMPLING_A, device=None, dtype=torch.complex64,
@@ -151,13 +163,10 @@ def cbed(structure, zone, *, energy_keV: float, semi_angle_mrad: float, thicknes
     specimen's (x, y) (carried by the propagator, `waves.propagator`): the pattern stays centred on the
     transmitted beam, pass center_mrad=tilt_mrad for the zone axis's frame instead.
     """
-    thicknesses = _check_thicknesses(thicknesses_A)
     plan = plan or plan_cbed(structure, zone, energy_keV=energy_keV, max_angle_mrad=max_angle_mrad,
                              size=size, slice_A=slice_A, sampling_A=sampling_A)
-    t = specimen(plan, device, dtype, debye_waller=debye_waller)
-    prop = propagator(plan.grid, plan.dz_A, tilt_mrad=tilt_mrad, device=t.device, dtype=dtype)
-    save_at = [plan.repeats(x) * plan.n_slices for x in thicknesses]
-    detector = lambda p: to_detector(p, plan.grid, max_angle_mrad, size, center_mrad)  # noqa: E731
+    t, prop, save_at, detector = _pass(plan, thicknesses_A, max_angle_mrad, size, device, dtype, debye_waller,
+                                       tilt_mrad, center_mrad)
     out = _cbed(plan.grid, t, prop, probe_positions(plan, scan), save_at, semi_angle_mrad=semi_angle_mrad,
                 defocus_A=defocus_A, cs_mm=cs_mm, chunk=chunk, detector=detector)
     return out.cpu().numpy().astype(np.float32), plan
@@ -169,13 +178,9 @@ def four_d_stem(structure, zone, *, energy_keV: float, semi_angle_mrad: float, t
                 dtype=torch.complex64, chunk: int = 16, plan: Plan | None = None) -> tuple[np.ndarray, Plan]:
     """One pattern per probe position: float32 (len(thicknesses_A), P, size, size), positions (P, 2) in Å
     of the specimen (`plan.grid.extent`; the cell's origin at 0). Detector as in `cbed`."""
-    thicknesses = _check_thicknesses(thicknesses_A)
     plan = plan or plan_cbed(structure, zone, energy_keV=energy_keV, max_angle_mrad=max_angle_mrad,
                              size=size, slice_A=slice_A, sampling_A=sampling_A)
-    t = specimen(plan, device, dtype)
-    prop = propagator(plan.grid, plan.dz_A, device=t.device, dtype=dtype)
-    save_at = [plan.repeats(x) * plan.n_slices for x in thicknesses]
-    detector = lambda p: to_detector(p, plan.grid, max_angle_mrad, size)  # noqa: E731
+    t, prop, save_at, detector = _pass(plan, thicknesses_A, max_angle_mrad, size, device, dtype)
     out = _four_d_stem(plan.grid, t, prop, positions_A, save_at, semi_angle_mrad=semi_angle_mrad,
                        defocus_A=defocus_A, cs_mm=cs_mm, chunk=chunk, detector=detector)
     return out.numpy().astype(np.float32), plan

@@ -6,11 +6,15 @@
     stemdl sysinfo --org ORG --system NAME      # the MLPerf system description of this machine
     stemdl synth OUT --preset tiny --seed 1     # synthetic data in the public layout
     stemdl validate DIR                         # check every sample, summarize, list the bad ones
+    stemdl synth OUT --benchmark stemdl_reconstruction   # the same for another benchmark's data
     stemdl index DIR                            # build (or reuse) the cached index of a data directory
     stemdl convert DIR SHARDS --size 128        # preprocessed uint8 shards + manifest (mpiexec for many ranks)
     stemdl eda DIR --out report                 # exploratory analysis: counts, imbalance, lattices, PCA
     stemdl ablate imbalance --out results       # losses, samplers, ensembles on an imbalanced synthetic set
     stemdl simulate cbed --structure X.cif ...  # dynamical (multislice) CBED, or `potential`, of a crystal
+
+`synth` and `validate` are the space-group benchmark's unless `--benchmark NAME` names another with its own
+(PER_BENCHMARK); `validate` and `convert` also find the benchmark in the folder's synth.json.
 
 Each module named in COMMANDS provides `configure(parser)` and `run(args) -> int`; it is imported only when
 its command runs, so `stemdl validate` does not pay for importing torch or pyxtal. A `StemdlError` is
@@ -46,6 +50,49 @@ COMMANDS = {
     "simulate": ("stemdl.physics.commands", "dynamical CBED patterns or projected potentials of a crystal from a CIF (multislice)"),
 }
 
+# Commands another benchmark provides for its own data: command -> {benchmark: module}. The command's
+# module for the benchmark not listed here is the one in COMMANDS (the space-group benchmark's).
+PER_BENCHMARK = {
+    "synth": {"stemdl_reconstruction": "stemdl.workloads.reconstruction.synth"},
+    "validate": {"stemdl_reconstruction": "stemdl.workloads.reconstruction.data"},
+    "convert": {"stemdl_reconstruction": "stemdl.workloads.reconstruction.convert"},
+}
+
+
+def benchmark_module(command: str, rest: list[str]) -> tuple[str, list[str]]:
+    """The module that serves `command` for the benchmark `rest` names (`--benchmark NAME`, removed from
+    the arguments) or, for `validate` and `convert`, the one its folder's synth.json names; else COMMANDS's."""
+    modules = PER_BENCHMARK.get(command)
+    if not modules:
+        return COMMANDS[command][0], rest
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--benchmark")
+    known, rest = pre.parse_known_args(rest)
+    name = known.benchmark
+    if name is None and command in ("validate", "convert"):
+        name = _recorded_benchmark(rest)
+    if name is None or name not in modules:
+        from stemdl.workloads import REGISTRY
+
+        if name is not None and name != REGISTRY.default:
+            raise StemdlError(f"--benchmark {name!r}: not one of {', '.join([REGISTRY.default, *modules])}")
+        return COMMANDS[command][0], rest
+    return modules[name], rest
+
+
+def _recorded_benchmark(rest: list[str]) -> str | None:
+    """The benchmark a data folder's synth.json names (its first positional argument), if any."""
+    from pathlib import Path
+
+    from stemdl.harness.synthset import read_manifest
+
+    folders = [Path(a) for a in rest if not a.startswith("-") and Path(a).is_dir()]
+    try:
+        manifest = read_manifest(folders[0]) if folders else None
+    except StemdlError:
+        return None  # the command itself will say what is wrong with the folder
+    return manifest.get("benchmark") if isinstance(manifest, dict) else None
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stemdl", description=__doc__.split("\n\n")[0])
@@ -63,10 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Find the command first, then let its module define the arguments, then parse for real.
     known, _ = parser.parse_known_args(argv[:1] if argv and not argv[0].startswith("-") else argv)
-    module = importlib.import_module(known._module)
+    try:
+        module_name, rest = benchmark_module(known.command, argv[1:])
+    except StemdlError as exc:
+        print(f"stemdl {known.command}: error: {exc}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"stemdl {known.command}", description=COMMANDS[known.command][1])
+    if known.command in PER_BENCHMARK:
+        sub.add_argument("--benchmark", metavar="NAME", help="whose data: stemdl (default) or "
+                         + ", ".join(PER_BENCHMARK[known.command]))
     module.configure(sub)
-    args = sub.parse_args(argv[1:])
+    args = sub.parse_args(rest)
     try:
         if known.command in HARNESS_COMMANDS:
             from stemdl.workloads import REGISTRY

@@ -5,7 +5,6 @@ the crystal half of the package), small grids so the whole file runs in seconds 
 """
 
 import functools
-import math
 
 import numpy as np
 import pytest

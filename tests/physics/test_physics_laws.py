@@ -19,7 +19,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from pymatgen.core import Lattice, Structure
 
 from stemdl.physics import multislice, parameters, potential, simulate, waves
 from stemdl.physics.electrons import gamma, wavelength

@@ -111,3 +111,23 @@ def test_the_validate_command(smoke_copy, capsys):
     assert out[0] == f"{smoke_copy}: 20 samples, 2 problem(s)" and out[-1].endswith("sample_4_0: cbed holds 3 patterns, "
                                                                              "its probe_grid 2 needs 4")
     assert main(["validate", str(smoke_copy / "nothing")]) == 2
+
+
+def test_the_stemdl_commands_serve_this_benchmark(smoke_copy, tmp_path, capsys):
+    """`stemdl validate DIR` finds the benchmark in DIR's synth.json; `--benchmark` names it; a name that
+    has no such command is one line."""
+    from stemdl.cli import main as stemdl
+
+    damage(smoke_copy, "dev/batch_dev_1.h5", "sample_4_0", short_stack)
+    assert stemdl(["validate", str(smoke_copy), "--no-pixels"]) == 1
+    assert capsys.readouterr().out.splitlines()[-1].endswith("sample_4_0: cbed holds 3 patterns, its probe_grid 2 needs 4")
+    assert stemdl(["validate", "--benchmark", "stemdl_reconstruction", str(smoke_copy), "--no-pixels"]) == 1
+    capsys.readouterr()
+    assert stemdl(["validate", str(smoke_copy), "--benchmark", "nope"]) == 2
+    assert capsys.readouterr().err.strip() == ("stemdl validate: error: --benchmark 'nope': not one of stemdl, "
+                                               "stemdl_reconstruction")
+    out = tmp_path / "made"
+    assert stemdl(["synth", str(out), "--benchmark", "stemdl_reconstruction", "--preset", "smoke", "--samples", "4",
+                   "--workers", "1", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == f"{out}: 4 samples in 2 files (complete)"
+    assert validate(out) == (4, [])

@@ -3,7 +3,7 @@
     index = Index.build(root)                          # files and sample groups, per split
     problems, potentials = screen(index, rows)         # every sample checked (layout.sample_problems)
     split = H5Split(index, rows, potentials)           # the split protocol of stemdl.harness.pipelines
-    python -m stemdl.workloads.reconstruction.data validate data/reconstruction/default
+    stemdl validate data/reconstruction/default       # the command (the benchmark read from synth.json)
 
 The split: `read(indices)` is the CBED stacks, float16 (n, N², S, S) as stored; `fields["potential"]` the
 targets, float16 (n, 1, T, T), held in memory (read once by the screen); `name_of(i)` is "file:group".
@@ -159,7 +159,7 @@ def refuse_or_skip(bad: list[DataError], total: int, skip_bad: bool, max_bad: fl
     """Raise the first bad sample's one line (with how many more), unless skip_bad allows them all."""
     if not bad:
         return
-    more = f" (and {len(bad) - 1} more bad samples: `python -m stemdl.workloads.reconstruction.data validate` " \
+    more = f" (and {len(bad) - 1} more bad samples: `stemdl validate DIR` " \
            f"lists them)" if len(bad) > 1 else ""
     if not skip_bad:
         raise DataError(bad[0].path, f"{bad[0].reason}{more}", bad[0].group)

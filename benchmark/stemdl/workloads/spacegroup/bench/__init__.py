@@ -4,7 +4,7 @@
     stemdl bench synth --image-size 256 --samples 60 --workers 1
     stemdl bench io                         # read limits, pipelines, training step with each loader
     stemdl bench physics                    # the multislice engine: patterns/s against the FFT limit, memory
-    stemdl bench physics                    # multislice engine: patterns/s, the FFT limit, memory
+    stemdl bench io-reconstruction          # the reconstruction input path: bytes a sample, pipelines, step
 
 Each benchmark lives in its own module here, registered in BENCHMARKS.
 """
@@ -17,6 +17,8 @@ import importlib
 BENCHMARKS = {
     "synth": ("stemdl.workloads.spacegroup.bench.synth", "synthetic generator: samples/s end to end, and time per stage"),
     "io": ("stemdl.workloads.spacegroup.bench.io", "input path: read limits, pipelines, and the training step with each loader"),
+    "io-reconstruction": ("stemdl.workloads.reconstruction.bench", "reconstruction input path: bytes a sample, "
+                          "pipelines against the read limit and the training step"),
     "physics": ("stemdl.physics.bench", "multislice engine: patterns/s against the FFT limit, peak memory, cost of a sample"),
 }
 

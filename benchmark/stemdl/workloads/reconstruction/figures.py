@@ -91,7 +91,7 @@ def samples_figure(out: Path, data: Path, checkpoint: Path, count: int, split: s
             if c == 3:
                 fig.colorbar(shown, ax=ax, shrink=0.8)
         axes[r, 0].set_ylabel(chosen.groups[r] + f"\nMAE {mae:.2f}", fontsize=9)
-    fig.suptitle(f"{data}: {split} samples, model {checkpoint.name}", fontsize=11)
+    fig.suptitle(f"data set {data.name}: {split} samples; model {checkpoint.name}", fontsize=11)
     _save(fig, out)
 
 
@@ -101,10 +101,9 @@ def curves_figure(out: Path, metrics: list[Path], target: float | None, constant
     for path in metrics:
         try:
             history = json.loads(path.read_text())["history"]
-            seed = json.loads(path.read_text()).get("seed", path.parent.name)
         except (OSError, ValueError, KeyError) as exc:
             raise StemdlError(f"{path}: not a run's metrics file ({exc})") from None
-        ax.plot([h["epoch"] for h in history], [h["mae"] for h in history], lw=1.2, label=f"seed {seed}")
+        ax.plot([h["epoch"] for h in history], [h["mae"] for h in history], lw=1.2, label=_run_label(path))
     if target is not None:
         ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target:g}")
     if constant is not None:
@@ -114,6 +113,15 @@ def curves_figure(out: Path, metrics: list[Path], target: float | None, constant
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, out)
+
+
+def _run_label(metrics: Path) -> str:
+    """"seed S" from the run's config file beside its metrics (result_N.config.json), else the file's name."""
+    config = metrics.with_name(metrics.name.replace(".metrics.json", ".config.json"))
+    try:
+        return f"seed {json.loads(config.read_text())['harness']['seed']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(metrics)
 
 
 def _save(fig: Figure, out: Path) -> None:

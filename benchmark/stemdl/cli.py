@@ -12,6 +12,7 @@
     stemdl eda DIR --out report                 # exploratory analysis: counts, imbalance, lattices, PCA
     stemdl ablate imbalance --out results       # losses, samplers, ensembles on an imbalanced synthetic set
     stemdl simulate cbed --structure X.cif ...  # dynamical (multislice) CBED, or `potential`, of a crystal
+    stemdl lacbed simulate --structure X.cif --thickness 1000 --size 128 --out P.npy   # LACBED (Bloch waves)
 
 `synth` and `validate` are the space-group benchmark's unless `--benchmark NAME` names another with its own
 (PER_BENCHMARK); `validate` and `convert` also find the benchmark in the folder's synth.json.
@@ -48,6 +49,7 @@ COMMANDS = {
     "ablate": ("stemdl.workloads.spacegroup.ablate", "ablations of the data challenge: imbalance methods, multi-task heads"),
     "bench": ("stemdl.workloads.spacegroup.bench", "measure the speed of a part of the harness (prints figures)"),
     "simulate": ("stemdl.physics.commands", "dynamical CBED patterns or projected potentials of a crystal from a CIF (multislice)"),
+    "lacbed": ("stemdl.physics.lacbed_commands", "large-angle CBED of a crystal from a CIF, by Bloch waves or multislice"),
 }
 
 # Commands another benchmark provides for its own data: command -> {benchmark: module}. The command's

@@ -106,6 +106,12 @@ def _structure(path: str):
         raise StemdlError(str(exc).splitlines()[0]) from None
 
 
+def crystal_inputs(args: argparse.Namespace) -> tuple[list[float], tuple[int, ...], object, object]:
+    """(thicknesses, zone, device, structure) from --thickness, --zone, --device and --structure, each
+    checked (the structure file read last: the cheap checks fail first)."""
+    return parse_thicknesses(args.thickness), parse_zone(args.zone), _device(args.device), _structure(args.structure)
+
+
 def _physics(call, *args, **kwargs):
     """A planning call whose ValueError is the user's doing (no orthogonal cell, partial occupancy)."""
     try:
@@ -154,10 +160,7 @@ def run_cbed(args: argparse.Namespace) -> int:
     _finite(args.cs, "--cs")
     if args.scan is not None and args.scan < 1:
         raise StemdlError(f"--scan {args.scan}: must be at least 1")
-    thicknesses = parse_thicknesses(args.thickness)
-    zone = parse_zone(args.zone)
-    device = _device(args.device)
-    structure = _structure(args.structure)
+    thicknesses, zone, device, structure = crystal_inputs(args)
 
     start = time.perf_counter()
     plan = _physics(simulate.plan_cbed, structure, zone, energy_keV=args.energy, max_angle_mrad=args.max_angle,

@@ -10,7 +10,8 @@ import pytest
 
 from stemdl.harness.errors import StemdlError
 from stemdl.workloads.reconstruction import layout
-from stemdl.workloads.reconstruction.synth import MANIFEST, file_plan, generate, preset_config, sha256
+from stemdl.harness.synthset import MANIFEST, sha256
+from stemdl.workloads.reconstruction.synth import file_plan, generate, preset_config
 
 
 def small(seed: int = 0):

@@ -18,7 +18,7 @@ from stemdl.cli import main
 from stemdl.harness.workload import Evaluation
 from stemdl.workloads import REGISTRY
 from stemdl.workloads.reconstruction.steps import ErrorSums, evaluation
-from stemdl.workloads.reconstruction.synth import sha256
+from stemdl.harness.synthset import sha256
 
 from .test_data import damage, short_stack
 

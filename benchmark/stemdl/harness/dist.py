@@ -141,6 +141,11 @@ def current() -> DistributedEnv:
     return _env
 
 
+def current_or_none() -> DistributedEnv | None:
+    """The environment setup() returned, or None when this process runs alone (no setup)."""
+    return _env
+
+
 def allgather_object(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank (pickled over MPI): small per-rank results."""
     _require()

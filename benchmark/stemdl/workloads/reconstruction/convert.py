@@ -133,19 +133,12 @@ def _convert_file(src: Path, dst: Path, name: str, rel: str, groups: list[str], 
     return entry
 
 
-def _environment():
-    try:
-        return dist.current()
-    except RuntimeError:  # no dist.setup(): this process alone
-        return None
-
-
 def convert(src, dst, splits=("train", "dev", "test"), skip_bad: bool = False, max_bad: float = 0.01,
             quiet: bool = False, wait: bool = True) -> dict:
     """SRC's samples as shards in DST (resumed where an earlier run stopped); the manifest. Collective when
     `dist.setup()` was called: the ranks share the files. Rank 0 holds DST's lock throughout, so a second
     conversion into DST waits for this one (or with `wait=False` is refused at once)."""
-    src, dst, env = Path(src), Path(dst), _environment()
+    src, dst, env = Path(src), Path(dst), dist.current_or_none()
     rank, size = (env.rank, env.world_size) if env is not None else (0, 1)
 
     def on_root(fn, *args):

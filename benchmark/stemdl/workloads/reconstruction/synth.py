@@ -6,44 +6,33 @@ as HDF5 in the public style (`layout`), reproducible, resumable, on any number o
     generate(out, preset_config("smoke"), workers=2)                                   # from code
 
 Sample i of a split draws all its randomness from SeedSequence([seed, split, i]) (`generate.make_sample`),
-so the bytes written do not depend on the ranks or the worker processes. The files are the unit of work:
-each rank writes a disjoint set of them (the `todo` list dealt round-robin), its worker processes
-computing the samples in order; a file is written under a temporary name and renamed when complete
-(`harness.files`). `OUT/synth.json` records the configuration and each finished file's SHA-256; the same
-command continues an interrupted run (a file under its final name is complete, and is hashed into the
-manifest if the writer stopped before listing it); another configuration for an existing OUT is refused.
-One writer job at a time (`OUT/.lock`, held by rank 0 for the whole job): a second first `stemdl run`
-waits, then finds the set complete. A complete set is only read (it may sit on a read-only file system).
+so the bytes written do not depend on the ranks or the worker processes. The writing is the harness's
+(`harness.sampleset.write_set`: files shared over the ranks, each written under a temporary name and
+renamed, `OUT/synth.json` with the configuration and every finished file's SHA-256, an interrupted set
+continued, another configuration refused, one writer job at a time: a second first `stemdl run` waits,
+then finds the set complete).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import multiprocessing
-import os
-import signal
 import sys
-import traceback
-import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import h5py
 import numpy as np
 import yaml
 
-from stemdl import __version__
-from stemdl.harness import dist, files, locks
+from stemdl.harness import dist
 from stemdl.harness.errors import StemdlError
-from stemdl.harness.progress import Progress
 from stemdl.workloads.reconstruction import layout
 from stemdl.workloads.reconstruction.generate import SampleSettings
 # synth.json as the space-group generator writes it: its helpers, not copies
-from stemdl.harness.synthset import MANIFEST, read_manifest, refuse_foreign, sha256, write_json_atomic
+from stemdl.harness.sampleset import SetSpec, default_workers, summary_line, write_set
+from stemdl.harness.synthset import MANIFEST
 
 __all__ = ["MANIFEST", "SynthConfig", "generate", "preset_config"]
 
@@ -138,156 +127,36 @@ def make_sample(cfg: SynthConfig, split: str, index: int):
     return cbed, potential, attrs
 
 
-def _worker_init(in_pool: bool = True) -> None:
-    """One thread per worker: the parallelism is across samples (oversubscribed cores only thrash)."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1)
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    if in_pool:  # the parent handles signals: it stops the pool and removes its partial file
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def _task(args):
     cfg, split, index = args
     return (split, index, *make_sample(cfg, split, index))
 
 
-# ---------------------------------------------------------------- the output folder (rank 0, locked)
+# ---------------------------------------------------------------- the set
 
 
-def finished(out: Path, cfg: SynthConfig) -> dict | None:
-    """The manifest when OUT already holds this set complete (read without the lock), else None."""
-    try:
-        manifest = read_manifest(out)
-    except StemdlError:
-        return None  # said under the lock
-    if not manifest or manifest.get("status") != "complete" or manifest.get("config") != cfg.content():
-        return None
-    return manifest if all((out / relative_path(s, k)).is_file() for s, k, _ in file_plan(cfg)) else None
+def _write(h5, key, sample) -> None:
+    _, split, index = key
+    got_split, got, cbed, potential, attrs = sample
+    assert (got_split, got) == (split, index), "results arrive in task order"
+    layout.write_sample(h5, layout.group_name(index), cbed, potential, attrs)
 
 
-def _open(out: Path, cfg: SynthConfig) -> tuple[dict, list]:
-    """Under the lock: the manifest (new, or the existing one if it describes the same data) and the files
-    still to write. A file under its final name is complete (renamed after closing): listed if it is not."""
-    manifest = read_manifest(out)
-    if manifest is None:
-        manifest = {"generator": f"stemdl {__version__}", "benchmark": "stemdl_reconstruction",
-                    "preset": cfg.preset, "description": cfg.description, "config": cfg.content(),
-                    "status": "incomplete", "files": {}}
-    elif manifest.get("config") != cfg.content():
-        raise StemdlError(f"{out} holds a reconstruction set made with other settings (see {out / MANIFEST}); "
-                          "choose another OUT, or the same settings to resume")
-    for stale in out.glob("*/.*.partial"):  # what a killed writer left: nobody else writes here now
-        stale.unlink()
-    todo = []
-    for split, number, indices in file_plan(cfg):
-        rel = relative_path(split, number)
-        if not (out / rel).exists():
-            todo.append((split, number, indices))
-        elif rel not in manifest["files"]:
-            manifest["files"][rel] = {"samples": len(indices), "sha256": sha256(out / rel)}
-    write_json_atomic(out / MANIFEST, manifest)
-    return manifest, todo
-
-
-# ---------------------------------------------------------------- writing
-
-
-def _write_share(out: Path, cfg: SynthConfig, todo: list, workers: int, bar: Progress,
-                 manifest: dict | None) -> dict:
-    """Write this rank's files; {relative path: entry}. `manifest` (rank 0's) is updated after each file."""
-    tasks = [(cfg, split, i) for split, _, indices in todo for i in indices]
-    pool = None
-    if workers > 1 and len(tasks) > 1:
-        pool = multiprocessing.get_context("fork").Pool(min(workers, len(tasks)), initializer=_worker_init)
-        results = pool.imap(_task, tasks, chunksize=1)
-    else:
-        results = map(_task, tasks)
-    written = {}
-    try:
-        for split, number, indices in todo:
-            rel = relative_path(split, number)
-            (out / split).mkdir(parents=True, exist_ok=True)
-            with files.atomic_path(out / rel, durable=True) as tmp, h5py.File(tmp, "w") as h5:
-                for index in indices:
-                    _, got, cbed, potential, attrs = next(results)
-                    assert got == index, "results arrive in task order"
-                    layout.write_sample(h5, layout.group_name(index), cbed, potential, attrs)
-                    bar.update(1)
-            written[rel] = {"samples": len(indices), "sha256": sha256(out / rel)}
-            if manifest is not None:
-                manifest["files"][rel] = written[rel]
-                write_json_atomic(out / MANIFEST, manifest)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    return written
-
-
-def _environment():
-    try:
-        return dist.current()
-    except RuntimeError:  # no dist.setup(): this process alone
-        return None
-
-
-def _on_root(env, fn):
-    return fn() if env is None else dist.on_root(fn)
+def set_spec(cfg: SynthConfig) -> SetSpec:
+    """The set `cfg` describes, for the harness's writer."""
+    return SetSpec(benchmark="stemdl_reconstruction", preset=cfg.preset, description=cfg.description,
+                   content=cfg.content(), what="a reconstruction set",
+                   plan=[(relative_path(split, number), [(cfg, split, i) for i in indices])
+                         for split, number, indices in file_plan(cfg)],
+                   make=_task, write=_write)
 
 
 def generate(out, cfg: SynthConfig, workers: int = 1, quiet: bool = False, wait: bool = True,
              timeout: float | None = None) -> dict:
-    """Write (or finish) the set and return its manifest. Collective when `dist.setup()` was called: the
-    ranks share the files, each with `workers` processes. While another job writes OUT, wait for it
-    (`timeout` seconds at most; None: for ever), or with `wait=False` refuse at once."""
-    out, env = Path(out), _environment()
-    rank, size = (env.rank, env.world_size) if env is not None else (0, 1)
-    with contextlib.ExitStack() as held:  # rank 0's lock, from the claim to the complete manifest
-
-        def claim():
-            done = finished(out, cfg)
-            if done is not None:
-                return done, []
-            refuse_foreign(out, "a stemdl data set")
-            files.check_folder(out, "OUT")
-            held.enter_context(locks.folder_lock(out, wait=wait, timeout=timeout, what=f"writing {out}"))
-            return _open(out, cfg)
-
-        manifest, todo = _on_root(env, claim)
-        if manifest.get("status") == "complete" and not todo:
-            return manifest
-        mine = todo[rank::size]
-        total = sum(len(indices) for _, _, indices in mine)
-        label = f"synth {out}" + (f" (rank 0's {len(mine)} of {len(todo)} files)" if size > 1 else "")
-        outcome: object = None
-        try:
-            with Progress(total, what="samples", label=label, quiet=quiet or rank != 0) as bar:
-                outcome = _write_share(out, cfg, mine, workers, bar, manifest if rank == 0 else None)
-        except StemdlError as exc:
-            outcome = exc
-        except Exception:
-            if size == 1:
-                raise
-            traceback.print_exc()  # a bug: end every rank rather than leave them waiting for this one
-            dist.abort(1)
-        outcomes = [outcome] if env is None else dist.allgather_object(outcome)
-        errors = [o for o in outcomes if isinstance(o, BaseException)]
-        if errors:
-            raise errors[0]
-
-        def complete():
-            for written in outcomes:
-                manifest["files"].update(written)
-            manifest["status"] = "complete"
-            write_json_atomic(out / MANIFEST, manifest)
-            return manifest
-
-        return _on_root(env, complete)
+    """Write (or finish) the set and return its manifest (`harness.sampleset.write_set`). Collective when
+    `dist.setup()` was called: the ranks share the files, each with `workers` processes. While another
+    job writes OUT, wait for it (`timeout` seconds at most; None: for ever), or with `wait=False` refuse."""
+    return write_set(out, set_spec(cfg), workers=workers, quiet=quiet, wait=wait, timeout=timeout)
 
 
 # ---------------------------------------------------------------- the command
@@ -303,10 +172,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
-def default_workers(env) -> int:
-    return max(1, (os.cpu_count() or 1) // (env.local_world_size if env is not None else 1))
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = preset_config(args.preset, args.seed, args.samples, args.samples_per_file)
     env = dist.setup(backend="gloo", device="cpu")  # the work is on CPUs; MPI only carries the outcomes
@@ -319,8 +184,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{s.target_size}, {env.world_size} rank(s) x {workers} worker(s)", file=sys.stderr)
         manifest = generate(args.out, cfg, workers=workers, quiet=args.quiet)
         if env.is_root:
-            total = sum(f["samples"] for f in manifest["files"].values())
-            print(f"{args.out}: {total} samples in {len(manifest['files'])} files ({manifest['status']})")
+            print(summary_line(args.out, manifest))
         return 0
     finally:
         dist.teardown()

@@ -90,7 +90,8 @@ class Reconstruction(Workload):
         """The data folder; a synthetic one (absent, or made by the synth) generated or finished first,
         by every rank together (each writes its share of the files)."""
         from stemdl.harness.synthset import wants_generating
-        from stemdl.workloads.reconstruction.synth import default_workers, generate, preset_config
+        from stemdl.harness.sampleset import default_workers
+        from stemdl.workloads.reconstruction.synth import generate, preset_config
 
         root, preset = Path(cfg.harness.data), cfg.harness.synth_preset
         if preset and wants_generating(root):

@@ -49,7 +49,7 @@ COMMANDS = {
     "ablate": ("stemdl.workloads.spacegroup.ablate", "ablations of the data challenge: imbalance methods, multi-task heads"),
     "bench": ("stemdl.workloads.spacegroup.bench", "measure the speed of a part of the harness (prints figures)"),
     "simulate": ("stemdl.physics.commands", "dynamical CBED patterns or projected potentials of a crystal from a CIF (multislice)"),
-    "lacbed": ("stemdl.physics.lacbed_commands", "large-angle CBED of a crystal from a CIF, by Bloch waves or multislice"),
+    "lacbed": ("stemdl.workloads.lacbed.commands", "large-angle CBED of a crystal from a CIF, by Bloch waves or multislice"),
 }
 
 # Commands another benchmark provides for its own data: command -> {benchmark: module}. The command's

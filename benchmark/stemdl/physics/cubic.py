@@ -176,13 +176,19 @@ def build(type_name: str, elements: dict | None = None, a: float | None = None) 
 def random_material(rng: np.random.Generator, types=None) -> Material:
     """A structure type (uniform over `types`, default all) and an element for each role (uniform over its
     pool, different roles never the same element)."""
+    name, elements = draw(rng, types)
+    return build(name, elements)
+
+
+def draw(rng: np.random.Generator, types=None) -> tuple[str, dict]:
+    """(type, elements) of a random material, unbuilt: what `random_material` builds."""
     names = list(TYPES if types is None else types)
     kind = TYPES[names[int(rng.integers(len(names)))]]
     elements: dict = {}
     for role in kind.roles:
         pool = [el for el in kind.pools[role] if el not in elements.values()]
         elements[role] = pool[int(rng.integers(len(pool)))]
-    return build(kind.name, elements)
+    return kind.name, elements
 
 
 def material_count(types=None) -> int:

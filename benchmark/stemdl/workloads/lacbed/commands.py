@@ -1,9 +1,11 @@
-"""`stemdl lacbed`: large-angle CBED (LACBED) of a crystal, by Bloch waves or by multislice.
+"""`stemdl lacbed`: large-angle CBED (LACBED) of a crystal, by Bloch waves or by multislice, and sets of
+(potential, pattern) pairs of cubic materials for training a surrogate (`generate`, `lacbed.synth`).
 
     stemdl lacbed simulate --structure MgO.cif --thickness 1000 --size 128 --out mgo.npy
     stemdl lacbed simulate --structure MgO.cif --thickness 500,1000,2000 --size 128 --out stack.npy \\
         --potential-out mgo_v.npy                             # (3, 128, 128) and the (128, 128) input image
     stemdl lacbed simulate ... --method multislice --slice 0.5 --k-max 5 --out ms.npy
+    stemdl lacbed generate data/lacbed/small --samples 300 --size 32     # HDF5 pairs, 85:10:5 by material
 
 OUT is the 000 (transmitted) beam's intensity, float32 (S, S) (or (T, S, S) for T thicknesses), fractions
 of the incident beam, over a square of incident directions about the zone axis (default [001]): pixel
@@ -29,7 +31,8 @@ import time
 from pathlib import Path
 
 from stemdl.harness.errors import StemdlError
-from stemdl.physics.commands import _check_out, _check_size, _physics, _positive, crystal_inputs, save
+from stemdl.physics.commands import (_check_out, _check_size, _physics, _positive, crystal_inputs, parse_thicknesses,
+                                     save)
 
 METHODS = ("bloch", "multislice")
 
@@ -93,6 +96,25 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_generate(args: argparse.Namespace) -> int:
+    from stemdl.harness import dist
+    from stemdl.harness.sampleset import default_workers, summary_line
+    from stemdl.workloads.lacbed.synth import LacbedSettings, generate
+
+    settings = LacbedSettings(samples=args.samples, size=args.size, beams=args.beams, energy_keV=args.energy,
+                              samples_per_file=args.samples_per_file, seed=args.seed,
+                              thicknesses_A=tuple(parse_thicknesses(args.thickness)))
+    settings.check()
+    env = dist.setup(backend="gloo", device="cpu")  # CPU work; MPI carries the outcomes
+    try:
+        manifest = generate(args.out, settings, workers=args.workers or default_workers(env), quiet=args.quiet)
+        if env.is_root:
+            print(summary_line(args.out, manifest))
+        return 0
+    finally:
+        dist.teardown()
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     from stemdl.physics.bloch import BEAMS, MS_K_MAX, MS_SLICE_A
 
@@ -119,6 +141,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: %(default)s")
     p.add_argument("--force", action="store_true", help="replace existing output files")
     p.set_defaults(_run=run_simulate)
+
+    g = sub.add_parser("generate", help="(potential, LACBED) pairs of distinct cubic materials as HDF5, split by material",
+                       description="(potential, LACBED) pairs of cubic materials along [001] (lacbed.synth).")
+    g.add_argument("out", help="output folder (created; an unfinished set there is finished)")
+    g.add_argument("--samples", type=int, default=300, help="distinct materials, one sample each (default: %(default)s)")
+    g.add_argument("--size", type=int, default=32, metavar="S", help="pixels a side (default: %(default)s)")
+    g.add_argument("--thickness", default="500,1000,1500,2000", metavar="A[,A...]",
+                   help="thicknesses of every pattern, Å (default: %(default)s)")
+    g.add_argument("--beams", type=int, default=200, metavar="N", help="Bloch beams requested (default: %(default)s)")
+    g.add_argument("--energy", type=float, default=200.0, metavar="KEV", help="default: %(default)g keV")
+    g.add_argument("--samples-per-file", type=int, default=64, help="default: %(default)s")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, help="processes per rank (default: the rank's share of the cores)")
+    g.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    g.set_defaults(_run=run_generate)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,14 +30,17 @@ def test_bloch_and_multislice_agree_on_an_unseen_crystal(fluorite, tmp_path, cap
     ms, blo = tmp_path / "ms.npy", tmp_path / "bloch.npy"
     assert simulate(fluorite, ms, "--thickness", "500,1000", "--method", "multislice", "--slice", "1",
                     "--k-max", "4") == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "lacbed simulate: 256/256 directions (100%)" in captured.err, "progress on stderr"
     reached = [float(line.split(", ")[1].split(" Å")[0]) for line in printed.splitlines()
                if line.startswith("thickness")]
     assert len(reached) == 2 and abs(reached[0] - 500) < 1 and abs(reached[1] - 1000) < 1
     assert simulate(fluorite, blo, "--thickness", ",".join(f"{t:.4f}" for t in reached), "--beams", "200",
                     "--potential-out", str(tmp_path / "v.npy")) == 0
-    printed = capsys.readouterr().out
-    assert "beams: " in printed and "over ±" in printed
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "beams: " in printed and "over ±" in printed and "distinct directions (100%)" in captured.err
     a, b = np.load(blo), np.load(ms)
     assert a.shape == b.shape == (2, SIZE, SIZE) and a.dtype == np.float32
     assert np.all(bloch.zncc(a, b) >= 0.99), bloch.zncc(a, b)

@@ -360,10 +360,12 @@ def _chunk(n_beams: int, dtype) -> int:
 
 
 def amplitudes(beamset: BeamSet, tilts_mrad, thicknesses_A: Sequence[float], which=(0,), device=None,
-               dtype=torch.complex64, surface_normal: bool = True, chunk: int | None = None) -> torch.Tensor:
+               dtype=torch.complex64, surface_normal: bool = True, chunk: int | None = None,
+               progress=None) -> torch.Tensor:
     """Complex amplitudes ψ_g(t) (T, P, G) of the beams with indices `which` (into beamset.hkl; 0 = 000)
     for tilts (P, 2) mrad and every thickness (Å), from one eigen-decomposition per tilt, computed in
-    chunks of `chunk` tilts (default: CHUNK_BYTES of matrices) on `device`."""
+    chunks of `chunk` tilts (default: CHUNK_BYTES of matrices) on `device`; `progress(done, total)` is
+    called after each chunk with the tilts done."""
     tilts = np.asarray(tilts_mrad, float).reshape(-1, 2)
     which = torch.as_tensor(np.atleast_1d(np.asarray(which, dtype=int)))
     chunk = chunk or _chunk(len(beamset), dtype)
@@ -371,13 +373,16 @@ def amplitudes(beamset: BeamSet, tilts_mrad, thicknesses_A: Sequence[float], whi
     for start in range(0, len(tilts), chunk):
         gam, vectors = bloch_waves(beamset, tilts[start:start + chunk], device, dtype, surface_normal)
         parts.append(_amplitudes_of(gam, vectors, thicknesses_A, which.to(gam.device)))
+        if progress is not None:
+            progress(min(start + chunk, len(tilts)), len(tilts))
     return torch.cat(parts, dim=1)
 
 
 def intensities(beamset: BeamSet, tilts_mrad, thicknesses_A: Sequence[float], which=(0,), device=None,
-                dtype=torch.complex64, surface_normal: bool = True, chunk: int | None = None) -> torch.Tensor:
+                dtype=torch.complex64, surface_normal: bool = True, chunk: int | None = None,
+                progress=None) -> torch.Tensor:
     """|ψ_g(t)|² (T, P, G) as fractions of the incident beam; arguments as `amplitudes`."""
-    psi = amplitudes(beamset, tilts_mrad, thicknesses_A, which, device, dtype, surface_normal, chunk)
+    psi = amplitudes(beamset, tilts_mrad, thicknesses_A, which, device, dtype, surface_normal, chunk, progress)
     return psi.real**2 + psi.imag**2
 
 
@@ -450,14 +455,14 @@ def _pixel_orbits(size: int, ops) -> np.ndarray:
 def lacbed(structure, thicknesses_A: Sequence[float], size: int, energy_keV: float = 200.0, beams=BEAMS,
            tilt_range_mrad: float | None = None, zone=(0, 0, 1), device=None, dtype=torch.complex64,
            surface_normal: bool = True, chunk: int | None = None, debye_waller: float = 0.0,
-           beamset: BeamSet | None = None, symmetry: bool = True) -> torch.Tensor:
+           beamset: BeamSet | None = None, symmetry: bool = True, progress=None) -> torch.Tensor:
     """The 000 LACBED pattern by Bloch waves: float32 (T, size, size), fractions of the incident beam.
 
     Pixel (r, c) is the incident direction of `lacbed_tilts` (θx along columns, θy down the rows, about
     `zone`); `tilt_range_mrad` is the half-width, by default `tilt_half_width_mrad` (the K_RANGE / a
     rule). `beams` as `select_beams` (or pass a prepared `beamset`). With `symmetry`, only one pixel of
     each orbit under `pattern_symmetry` is computed (exact; 8x fewer for a cubic crystal along [001]).
-    On `device` (the result too).
+    On `device` (the result too). `progress(done, total)`: the distinct pixels done, after each chunk.
     """
     half = tilt_half_width_mrad(structure, energy_keV) if tilt_range_mrad is None else float(tilt_range_mrad)
     if beamset is None:
@@ -465,7 +470,7 @@ def lacbed(structure, thicknesses_A: Sequence[float], size: int, energy_keV: flo
     tilts = lacbed_tilts(size, half)
     orbit = _pixel_orbits(size, pattern_symmetry(beamset)) if symmetry else np.arange(size * size)
     unique, inverse = np.unique(orbit, return_inverse=True)
-    out = intensities(beamset, tilts[unique], thicknesses_A, (0,), device, dtype, surface_normal, chunk)
+    out = intensities(beamset, tilts[unique], thicknesses_A, (0,), device, dtype, surface_normal, chunk, progress)
     out = out[:, torch.as_tensor(inverse.ravel(), device=out.device), 0]
     return out.reshape(len(thicknesses_A), size, size).to(torch.float32)
 
@@ -488,7 +493,7 @@ class MultisliceLacbed:
 def lacbed_multislice(structure, thicknesses_A: Sequence[float], size: int, energy_keV: float = 200.0,
                       tilt_range_mrad: float | None = None, zone=(0, 0, 1), slice_A: float = MS_SLICE_A,
                       k_max: float = MS_K_MAX, projected: bool = True, device=None, dtype=torch.complex64,
-                      chunk: int = 64, debye_waller: float = 0.0) -> MultisliceLacbed:
+                      chunk: int = 64, debye_waller: float = 0.0, progress=None) -> MultisliceLacbed:
     """The 000 LACBED pattern by the multislice engine with tilted plane waves, pixels as `lacbed`.
 
     One orthogonal cell (`orthogonal_supercell`) on a grid whose bandwidth limit reaches k_max (1/Å). Each
@@ -497,7 +502,7 @@ def lacbed_multislice(structure, thicknesses_A: Sequence[float], size: int, ener
     exit envelope. `projected=True` slices the cell's projected potential into equal parts (the ZOLZ
     physics of the Bloch waves, converging to them as slice_A → 0); False uses the real 3-D slices
     (HOLZ lines appear). Slices are Lz/n thick, n the whole number nearest Lz/slice_A; each thickness is
-    reached to the nearest slice (reported).
+    reached to the nearest slice (reported). `progress(done, total)`: the tilts done, after each chunk.
     """
     half = tilt_half_width_mrad(structure, energy_keV) if tilt_range_mrad is None else float(tilt_range_mrad)
     cell = orthogonal_supercell(structure, zone)
@@ -521,6 +526,8 @@ def lacbed_multislice(structure, thicknesses_A: Sequence[float], size: int, ener
         exit_waves = multislice.propagate(envelope.expand(len(part), -1, -1), t, prop, counts)
         zero = exit_waves.sum(dim=(-2, -1)) / math.sqrt(grid.gpts[0] * grid.gpts[1])  # ψ̃(0), ortho FFT
         parts.append(zero.real**2 + zero.imag**2)
+        if progress is not None:
+            progress(min(start + chunk, len(tilts)), len(tilts))
     patterns = torch.cat(parts, dim=1).reshape(len(counts), size, size).to(torch.float32)
     return MultisliceLacbed(patterns, tuple(c * dz for c in counts), dz, grid)
 

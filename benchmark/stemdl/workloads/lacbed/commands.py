@@ -37,6 +37,27 @@ from stemdl.physics.commands import (_check_out, _check_size, _physics, _positiv
 METHODS = ("bloch", "multislice")
 
 
+class _Bar:
+    """A `Progress` on stderr made on the first report (the engine knows the total, the command does not)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar, self.started = quiet, None, time.perf_counter()
+
+    def to(self, what: str):
+        def report(done: int, total: int) -> None:
+            from stemdl.harness.progress import Progress
+
+            if self.bar is None:
+                self.bar = Progress(total, what=what, label="lacbed simulate", quiet=self.quiet)
+                self.bar.start = self.started  # rates and the eta count from the simulation's start
+            self.bar.update(done - self.bar.done)
+        return report
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     import torch
 
@@ -62,6 +83,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     thicknesses, zone, device, structure = crystal_inputs(args)
 
     start = time.perf_counter()
+    bar = _Bar(quiet=args.quiet)
     half = args.tilt_range or _physics(bloch.tilt_half_width_mrad, structure, args.energy)
     print(f"tilts: {args.size}x{args.size} incident directions over ±{half:.3f} mrad about "
           f"[{' '.join(map(str, zone))}], {args.energy:g} keV", flush=True)
@@ -70,15 +92,17 @@ def run_simulate(args: argparse.Namespace) -> int:
                            debye_waller=args.debye_waller)
         print(f"beams: {beamset.describe()}", flush=True)
         patterns = _physics(bloch.lacbed, structure, thicknesses, args.size, args.energy, tilt_range_mrad=half,
-                            zone=zone, device=device, beamset=beamset, debye_waller=args.debye_waller)
+                            zone=zone, device=device, beamset=beamset, debye_waller=args.debye_waller,
+                            progress=bar.to("distinct directions"))
         reached = thicknesses
     else:
         result = _physics(bloch.lacbed_multislice, structure, thicknesses, args.size, args.energy,
                           tilt_range_mrad=half, zone=zone, slice_A=args.slice, k_max=args.k_max, device=device,
-                          debye_waller=args.debye_waller)
+                          debye_waller=args.debye_waller, progress=bar.to("directions"))
         g = result.grid
         print(f"multislice: {g.gpts[0]}x{g.gpts[1]} grid, slices of {result.dz_A:.4f} Å", flush=True)
         patterns, reached = result.patterns, result.thicknesses_A
+    bar.close()
     for asked, got in zip(thicknesses, reached):
         print(f"thickness {asked:g} Å asked, {got:.2f} Å simulated", flush=True)
     patterns = patterns.cpu().numpy()
@@ -140,6 +164,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--debye-waller", type=float, default=0.0, metavar="B", help="B in Å² (default: 0, static)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: %(default)s")
     p.add_argument("--force", action="store_true", help="replace existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(_run=run_simulate)
 
     g = sub.add_parser("generate", help="(potential, LACBED) pairs of distinct cubic materials as HDF5, split by material",

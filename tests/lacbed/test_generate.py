@@ -79,3 +79,23 @@ def test_bad_requests_are_one_line(tmp_path, capsys, extra, words):
     assert main(["lacbed", "generate", str(tmp_path / "out"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err and not (tmp_path / "out").exists()
+
+
+def test_random_crystals_of_the_cubic_groups_as_a_second_source(tmp_path):
+    settings = LacbedSettings(samples=3, size=16, beams=30, thicknesses_A=(500.0,), source="generator")
+    keys = material_keys(settings)
+    assert [k[0] for k in keys] == ["generator"] * 3 and [k[1]["draw"] for k in keys] == [0, 1, 2]
+    assert all(195 <= k[1]["space_group"] <= 230 for k in keys)
+    generate(tmp_path / "g", settings, workers=1, quiet=True)
+    seen = []
+    for path in sorted((tmp_path / "g").rglob("*.h5")):
+        with h5py.File(path) as h5:
+            for g in h5:
+                assert 195 <= int(h5[g].attrs["space_group"]) <= 230 and h5[g]["lacbed"].shape == (1, 16, 16)
+                seen.append(str(h5[g].attrs["material"]))
+    assert len(set(seen)) == 3 and all(m.startswith("generator:seed=0,draw=") for m in seen)
+    both = material_keys(LacbedSettings(samples=40, source="both"))
+    assert 5 < sum(k[0] == "generator" for k in both) < 35, "each material from either source"
+    assert LacbedSettings(samples=5000, source="generator").check() is None  # no 880 ceiling
+    with pytest.raises(Exception, match="--source 'icsd'"):
+        LacbedSettings(source="icsd").check()

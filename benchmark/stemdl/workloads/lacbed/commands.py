@@ -126,7 +126,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from stemdl.workloads.lacbed.synth import LacbedSettings, generate
 
     settings = LacbedSettings(samples=args.samples, size=args.size, beams=args.beams, energy_keV=args.energy,
-                              samples_per_file=args.samples_per_file, seed=args.seed,
+                              samples_per_file=args.samples_per_file, seed=args.seed, source=args.source,
                               thicknesses_A=tuple(parse_thicknesses(args.thickness)))
     settings.check()
     env = dist.setup(backend="gloo", device="cpu")  # CPU work; MPI carries the outcomes
@@ -178,6 +178,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--energy", type=float, default=200.0, metavar="KEV", help="default: %(default)g keV")
     g.add_argument("--samples-per-file", type=int, default=64, help="default: %(default)s")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--source", choices=("types", "generator", "both"), default="types",
+                   help="materials: cubic structure types (880), random crystals of the 36 cubic space groups, "
+                        "or both (default: %(default)s)")
     g.add_argument("--workers", type=int, help="processes per rank (default: the rank's share of the cores)")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     g.set_defaults(_run=run_generate)

@@ -32,6 +32,12 @@ from stemdl.harness.errors import StemdlError
 from stemdl.harness.sampleset import SetSpec, write_set
 
 SPLITS = ("train", "dev", "test")
+# Where materials come from: the structure types of stemdl.physics.cubic (880 materials), random crystals
+# of the 36 cubic space groups from the space-group generator (spglib-verified, every draw a new
+# material), or each material from either with equal odds.
+SOURCES = ("types", "generator", "both")
+CUBIC_GROUPS = tuple(range(195, 231))
+GENERATOR = "generator"  # the material "type" of a generator crystal
 FRACTIONS = (0.85, 0.10, 0.05)
 BENCHMARK = "stemdl_lacbed"
 
@@ -47,13 +53,17 @@ class LacbedSettings:
     energy_keV: float = 200.0
     samples_per_file: int = 64
     seed: int = 0
+    source: str = "types"  # types | generator | both (see SOURCES)
 
     def check(self) -> None:
         from stemdl.physics.cubic import material_count
 
-        if self.samples < 1 or self.samples > material_count():
-            raise StemdlError(f"--samples {self.samples}: between 1 and {material_count()} (one sample a "
-                              f"distinct material of stemdl.physics.cubic)")
+        if self.source not in SOURCES:
+            raise StemdlError(f"--source {self.source!r}: one of {', '.join(SOURCES)}")
+        limit = material_count() if self.source == "types" else None
+        if self.samples < 1 or (limit is not None and self.samples > limit):
+            raise StemdlError(f"--samples {self.samples}: between 1 and {limit} (one sample a distinct material "
+                              f"of stemdl.physics.cubic; --source generator or both for more)")
         if self.size < 8 or self.size % 2:
             raise StemdlError(f"--size {self.size}: an even number of pixels, at least 8")
         if self.beams < 2 or self.samples_per_file < 1 or self.seed < 0 or self.energy_keV <= 0:
@@ -66,13 +76,19 @@ class LacbedSettings:
 
 
 def material_keys(settings: LacbedSettings) -> list[tuple[str, dict]]:
-    """The set's materials in sample order: (type, elements) of `samples` distinct materials."""
+    """The set's materials in sample order, `samples` distinct ones: (type, elements) of a structure type,
+    or (GENERATOR, {"space_group": G, "draw": k}), the k-th generator draw, made in `make_sample`."""
     from stemdl.physics.cubic import draw
 
     rng = np.random.default_rng(np.random.SeedSequence([settings.seed, 1]))
     chosen, seen = [], set()
     while len(chosen) < settings.samples:
-        name, elements = draw(rng)
+        from_generator = settings.source == "generator" or (settings.source == "both" and rng.random() < 0.5)
+        if from_generator:
+            name, elements = GENERATOR, {"space_group": int(CUBIC_GROUPS[int(rng.integers(len(CUBIC_GROUPS)))]),
+                                         "draw": len(chosen)}
+        else:
+            name, elements = draw(rng)
         key = (name, tuple(sorted(elements.items())))
         if key not in seen:
             seen.add(key)
@@ -94,20 +110,45 @@ def split_plan(settings: LacbedSettings) -> dict[str, list[int]]:
 
 def make_sample(settings: LacbedSettings, material: tuple[str, dict]):
     """(potential (S, S), lacbed (T, S, S), attrs) of one material: a pure function of its arguments."""
-    from stemdl.physics import bloch, cubic, simulate
+    from stemdl.physics import bloch, simulate
 
     name, elements = material
-    m = cubic.build(name, elements)
-    half = bloch.tilt_half_width_mrad(m.structure, settings.energy_keV)
-    beamset = bloch.select_beams(m.structure, settings.beams, (0, 0, 1), settings.energy_keV, half)
-    patterns = bloch.lacbed(m.structure, list(settings.thicknesses_A), settings.size, settings.energy_keV,
+    structure, key, formula, a, space_group = _material(settings, name, elements)
+    half = bloch.tilt_half_width_mrad(structure, settings.energy_keV)
+    beamset = bloch.select_beams(structure, settings.beams, (0, 0, 1), settings.energy_keV, half)
+    patterns = bloch.lacbed(structure, list(settings.thicknesses_A), settings.size, settings.energy_keV,
                             tilt_range_mrad=half, beamset=beamset).numpy()
-    potential, _ = simulate.potential_image(m.structure, (0, 0, 1), settings.size)
-    attrs = {"material": m.key, "structure_type": name, "formula": m.formula, "elements": json.dumps(elements),
-             "lattice_A": m.a, "space_group": cubic.TYPES[name].number,
+    potential, _ = simulate.potential_image(structure, (0, 0, 1), settings.size)
+    attrs = {"material": key, "structure_type": name, "formula": formula, "elements": json.dumps(elements),
+             "lattice_A": a, "space_group": space_group,
              "thicknesses_A": np.asarray(settings.thicknesses_A, dtype=np.float64),
              "energy_keV": settings.energy_keV, "half_width_mrad": half, "beams": len(beamset), "size": settings.size}
     return potential.astype(np.float32), patterns.astype(np.float32), attrs
+
+
+def _material(settings: LacbedSettings, name: str, elements: dict):
+    """(structure, key, formula, a, space group) of a material of `material_keys`. A generator crystal is
+    drawn from SeedSequence([seed, 3, draw]); a group that yields no verified crystal passes to the next
+    cubic group, so every draw gives a crystal."""
+    from stemdl.physics import cubic
+
+    if name != GENERATOR:
+        m = cubic.build(name, elements)
+        return m.structure, m.key, m.formula, m.a, cubic.TYPES[name].number
+    from stemdl.workloads.spacegroup.synth.crystals import random_crystal
+
+    rng = np.random.default_rng(np.random.SeedSequence([settings.seed, 3, int(elements["draw"])]))
+    first = CUBIC_GROUPS.index(int(elements["space_group"]))
+    for k in range(len(CUBIC_GROUPS)):
+        group = CUBIC_GROUPS[(first + k) % len(CUBIC_GROUPS)]
+        try:
+            crystal = random_crystal(group, rng)
+        except StemdlError:
+            continue
+        a = float(np.linalg.norm(crystal.structure.lattice[0]))
+        return (crystal.structure, f"{GENERATOR}:seed={settings.seed},draw={elements['draw']}", crystal.formula, a,
+                group)
+    raise StemdlError(f"no cubic space group gave a verified crystal for draw {elements['draw']}")
 
 
 def _task(key):

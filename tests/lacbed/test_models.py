@@ -72,3 +72,18 @@ def test_both_networks_learn_a_map_from_potential_to_pattern(name):
     with torch.no_grad():
         end = float(z_values(model(x)[0] if name == "vae" else model(x), y).mean())
     assert end < 0.5 * start and end < 0.3, (start, end)
+
+
+def test_the_speedup_bench_prints_and_keeps_its_figures(tmp_path, capsys):
+    import json
+
+    from stemdl.cli import main
+
+    out = tmp_path / "lacbed.json"
+    assert main(["bench", "lacbed", "--size", "16", "--beams", "30", "--materials", "1", "--batch", "4",
+                 "--rounds", "1", "--threads", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| Bloch waves" in printed and "| vae, batch 4 |" in printed and "| unet, batch 4 |" in printed
+    report = json.loads(out.read_text())
+    assert report["simulator_s_per_pattern"] > 0 and set(report["speedup"]) == {"vae", "unet"}
+    assert main(["bench", "lacbed", "--json", str(out)]) == 2, "a report is never overwritten"

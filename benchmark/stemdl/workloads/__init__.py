@@ -12,4 +12,5 @@ from stemdl.harness.workload import Registry
 REGISTRY = Registry({
     "stemdl": "stemdl.workloads.spacegroup.workload",  # benchmark 1: space-group classification
     "stemdl_reconstruction": "stemdl.workloads.reconstruction.workload",  # benchmark 2: the projected potential
+    "stemdl_lacbed": "stemdl.workloads.lacbed.workload",  # the learned LACBED simulator (open division)
 }, default="stemdl")

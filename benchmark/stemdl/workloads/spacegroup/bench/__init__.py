@@ -5,6 +5,7 @@
     stemdl bench io                         # read limits, pipelines, training step with each loader
     stemdl bench physics                    # the multislice engine: patterns/s against the FFT limit, memory
     stemdl bench io-reconstruction          # the reconstruction input path: bytes a sample, pipelines, step
+    stemdl bench lacbed                     # the LACBED surrogate's speed-up over Bloch waves
 
 Each benchmark lives in its own module here, registered in BENCHMARKS.
 """
@@ -19,6 +20,8 @@ BENCHMARKS = {
     "io": ("stemdl.workloads.spacegroup.bench.io", "input path: read limits, pipelines, and the training step with each loader"),
     "io-reconstruction": ("stemdl.workloads.reconstruction.bench", "reconstruction input path: bytes a sample, "
                           "pipelines against the read limit and the training step"),
+    "lacbed": ("stemdl.workloads.lacbed.bench", "LACBED surrogate: Bloch-wave s/pattern against the networks' "
+               "ms/pattern, the speed-up"),
     "physics": ("stemdl.physics.bench", "multislice engine: patterns/s against the FFT limit, peak memory, cost of a sample"),
 }
 

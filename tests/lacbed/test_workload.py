@@ -91,3 +91,16 @@ def test_train_limit_trains_on_the_first_materials(smoke_set, tmp_path, capsys):
     assert '"key": "train_samples", "value": 8' in text
     assert run(tmp_path / "b", "--data", str(smoke_set), "--set", "workload.train_limit=500") == 2
     assert "'workload.train_limit': 500 is more than the 10 training samples" in capsys.readouterr().err
+
+
+def test_the_montage_from_a_runs_checkpoint(smoke_set, tmp_path):
+    from stemdl.workloads.lacbed import figures
+
+    assert run(tmp_path / "log", "--data", str(smoke_set), "--set", f"checkpoint_dir={tmp_path / 'ckpt'}",
+               "--set", "checkpoint_every=2") == 0
+    png = tmp_path / "montage.png"
+    result = figures.montage(png, smoke_set, tmp_path / "ckpt" / "epoch_0002.pt")
+    assert png.read_bytes()[:4] == b"\x89PNG" and len(result["z"]) == 1
+    metrics = json.loads((tmp_path / "log" / "result_0.metrics.json").read_text())
+    assert result["z"][0] == pytest.approx(metrics["final"]["z"], abs=1e-5), "the figure's Z is the run's"
+    assert figures.main([str(png), "--data", str(smoke_set), "--checkpoint", str(png)]) == 2

@@ -19,7 +19,7 @@ import torch
 from stemdl.harness.data import Prepared
 from stemdl.harness.errors import StemdlError
 from stemdl.harness.metrics import Sums, all_reduce
-from stemdl.harness.workload import Evaluation, Workload
+from stemdl.harness.workload import Built, Evaluation, Workload
 
 
 @dataclass(frozen=True)
@@ -95,15 +95,6 @@ class ErrorEvaluator:
         return Evaluation({"mae": abs_sum / n, "rmse": float(np.sqrt(sq_sum / n))}, details={"samples": int(n)})
 
 
-@dataclass
-class Built:
-    model: torch.nn.Module
-    loss: torch.nn.Module
-
-    def evaluator(self, ctx) -> ErrorEvaluator:
-        return ErrorEvaluator(ctx)
-
-
 class ToyRegression(Workload):
     name = "toy"
     title = "linear regression on generated tensors (a test workload)"
@@ -130,7 +121,7 @@ class ToyRegression(Workload):
         return Prepared(train, dev)
 
     def build(self, cfg, prepared) -> Built:
-        return Built(torch.nn.Linear(cfg.workload.features, 1), SquaredLoss())
+        return Built(torch.nn.Linear(cfg.workload.features, 1), SquaredLoss(), ErrorEvaluator)
 
     def training_batch(self, ctx, x, fields, generator):
         return x.to(ctx.device), fields[0].to(ctx.device)

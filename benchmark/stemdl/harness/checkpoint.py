@@ -80,9 +80,8 @@ def resolve(where: str | os.PathLike) -> Path:
     raise StemdlError(f"--resume {where}: no such file or folder")
 
 
-def load(path: Path, cfg, world_size: int) -> dict:
-    """The checkpoint's state, after checking it belongs to this run: same config (but FREE_KEYS) and
-    the same number of ranks (the shards, hence the data order, depend on it)."""
+def read(path: Path) -> dict:
+    """A checkpoint's state (on the CPU), or a one-line StemdlError for a file that is not one."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a truncated or foreign file: torch raises several kinds
@@ -90,6 +89,13 @@ def load(path: Path, cfg, world_size: int) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("version") != VERSION:
         raise StemdlError(f"{path}: not a stemdl checkpoint of version {VERSION} (an older stemdl's cannot be "
                           f"resumed: start the run again)")
+    return state
+
+
+def load(path: Path, cfg, world_size: int) -> dict:
+    """The checkpoint's state, after checking it belongs to this run: same config (but FREE_KEYS) and
+    the same number of ranks (the shards, hence the data order, depend on it)."""
+    state = read(path)
     config = cfg.flat()
     differ = sorted(k for k in set(config) | set(state["config"])
                     if k not in FREE_KEYS and config.get(k) != state["config"].get(k))

@@ -78,6 +78,19 @@ class StepContext:
         return torch.autocast("cuda" if on else "cpu", dtype=torch.bfloat16, enabled=on)
 
 
+@dataclass
+class Built:
+    """What `Workload.build` returns when the evaluator needs nothing but the step context: the model, the
+    loss and the evaluator's class (called with the context for each evaluation)."""
+
+    model: Any
+    loss: Any
+    evaluator_type: Any
+
+    def evaluator(self, ctx) -> Evaluator:
+        return self.evaluator_type(ctx)
+
+
 class Workload:
     """A benchmark on the harness. Subclasses set the class attributes and implement the hooks."""
 

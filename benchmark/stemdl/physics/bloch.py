@@ -536,17 +536,18 @@ def lacbed_multislice(structure, thicknesses_A: Sequence[float], size: int, ener
 # Similarity
 
 
-def zncc(a, b):
+def zncc(a, b, eps: float = 0.0):
     """Zero-mean normalised cross-correlation over the last two axes: Σ(a − ā)(b − b̄) / (σ_a σ_b N), σ the
     population standard deviation (N the pixel count). 1 for identical patterns up to gain and offset.
     numpy arrays give a float (2-D) or an array (stacks); torch tensors a tensor (differentiable). NaN
-    where an image is constant."""
+    where an image is constant, unless `eps` (torch only) keeps it finite: σ_a σ_b becomes
+    sqrt(σ_a² σ_b² + eps²), the ZNCC of a constant image 0 (a loss needs that)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         a, b = torch.as_tensor(a), torch.as_tensor(b)
         a = a - a.mean(dim=(-2, -1), keepdim=True)
         b = b - b.mean(dim=(-2, -1), keepdim=True)
         num = (a * b).mean(dim=(-2, -1))
-        return num / torch.sqrt((a * a).mean(dim=(-2, -1)) * (b * b).mean(dim=(-2, -1)))
+        return num / torch.sqrt((a * a).mean(dim=(-2, -1)) * (b * b).mean(dim=(-2, -1)) + eps**2)
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim < 2:
         raise ValueError(f"zncc needs two images of one shape (..., H, W), got {a.shape} and {b.shape}")

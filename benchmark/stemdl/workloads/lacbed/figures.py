@@ -11,7 +11,6 @@ material and its Z.
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 from pathlib import Path
 
@@ -31,11 +30,10 @@ def load_model(checkpoint: Path):
     from stemdl.workloads.lacbed.models import build_model
     from stemdl.workloads.lacbed.workload import LacbedConfig, _overrides
 
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        flat, weights = state["config"], state["model"]
-    except (OSError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise StemdlError(f"--checkpoint {checkpoint}: not a stemdl checkpoint ({exc})") from None
+    from stemdl.harness.checkpoint import read
+
+    state = read(checkpoint)
+    flat, weights = state["config"], state["model"]
     section = LacbedConfig(**{k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("workload.")})
     model = build_model(section.model, section.size, **_overrides(section))
     model.load_state_dict(weights)

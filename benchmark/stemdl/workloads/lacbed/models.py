@@ -128,12 +128,11 @@ def build_model(name: str, size: int, **overrides) -> nn.Module:
 
 
 def zncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Zero-mean normalised cross-correlation of each image pair over the last two axes (population σ),
-    as `stemdl.physics.bloch.zncc`, with EPS keeping a constant image finite (its ZNCC then 0)."""
-    a = a - a.mean(dim=(-2, -1), keepdim=True)
-    b = b - b.mean(dim=(-2, -1), keepdim=True)
-    num = (a * b).mean(dim=(-2, -1))
-    return num / torch.sqrt((a * a).mean(dim=(-2, -1)) * (b * b).mean(dim=(-2, -1)) + EPS**2)
+    """`stemdl.physics.bloch.zncc` of each image pair, with EPS keeping a constant image finite (its ZNCC
+    then 0)."""
+    from stemdl.physics.bloch import zncc as physics_zncc
+
+    return physics_zncc(a, b, eps=EPS)
 
 
 def z_values(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from stemdl.harness.errors import StemdlError
-from stemdl.harness.workload import Evaluation, Workload
+from stemdl.harness.workload import Built, Evaluation, Workload
 
 
 @dataclass(frozen=True)
@@ -78,15 +78,6 @@ class ZEvaluator:
         return Evaluation({"z": float(every.sum() / len(every)), "z_median": float(np.median(every)),
                            "z_worst": float(every.max())},
                           details={"samples": int(len(every)), "z_best": float(every.min())})
-
-
-@dataclass
-class Built:
-    model: torch.nn.Module
-    loss: torch.nn.Module
-
-    def evaluator(self, ctx) -> ZEvaluator:
-        return ZEvaluator(ctx)
 
 
 class EpochLoss(torch.nn.Module):
@@ -165,7 +156,7 @@ class Lacbed(Workload):
         from stemdl.workloads.lacbed.models import build_model
 
         model = build_model(cfg.workload.model, prepared.train.image_shape[-1], **_overrides(cfg.workload))
-        return Built(model, EpochLoss(cfg.workload.kl_weight))
+        return Built(model, EpochLoss(cfg.workload.kl_weight), ZEvaluator)
 
     def training_batch(self, ctx, x, fields, generator):
         return x.to(ctx.device).float(), fields[0].to(ctx.device).float()

@@ -78,13 +78,12 @@ def _plan(src: Path, splits: list[str], skip_bad: bool, max_bad: float, quiet: b
     if shapes is None:
         raise DataError(src, "no good sample to convert")
     bad_names = {(str(e.path), e.group) for e in bad}
-    plan = []
-    for split in splits:
-        for f, rel in enumerate(index.files):
-            mine = [int(i) for i in rows if index.file_of[i] == f and index.split[i] == split
-                    and (str(index.path(i)), index.groups[i]) not in bad_names]
-            if mine:
-                plan.append((split, rel, [index.groups[i] for i in mine]))
+    groups: dict = {}  # (split, file) -> the file's good groups, in order; every file holds one split
+    for i in rows:
+        if (str(index.path(i)), index.groups[i]) not in bad_names:
+            groups.setdefault((str(index.split[i]), int(index.file_of[i])), []).append(index.groups[i])
+    plan = [(split, index.files[f], groups[(split, f)]) for split in splits for f in range(len(index.files))
+            if (split, f) in groups]
     shapes = {k: tuple(shapes[k]) for k in (layout.CBED, layout.POTENTIAL)}
     return {"shapes": shapes, "files": plan, "skipped": [{"sample": str(e.path) + ":" + e.group,
                                                           "reason": e.reason} for e in bad]}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import sys
 from pathlib import Path
 
@@ -46,12 +45,10 @@ def predictions(checkpoint: Path, x: np.ndarray, out_size: int) -> np.ndarray:
     from stemdl.workloads.reconstruction.models import build_model
     from stemdl.workloads.reconstruction.workload import ReconstructionConfig, model_overrides
 
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        flat = state["config"]
-        weights = state["model"]
-    except (OSError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise StemdlError(f"--checkpoint {checkpoint}: not a stemdl checkpoint ({exc})") from None
+    from stemdl.harness.checkpoint import read
+
+    state = read(checkpoint)
+    flat, weights = state["config"], state["model"]
     section = ReconstructionConfig(**{k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("workload.")})
     model = build_model(section.model, x.shape[1], out_size, **model_overrides(section))
     model.load_state_dict(weights)

@@ -11,7 +11,6 @@ the samples were split over ranks or batches; padding (mask False) counts nowher
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -71,11 +70,3 @@ class ErrorEvaluator:
         all_reduce(self.sums)
         return evaluation(self.sums.host())
 
-
-@dataclass
-class Built:
-    model: torch.nn.Module
-    loss: torch.nn.Module
-
-    def evaluator(self, ctx) -> ErrorEvaluator:
-        return ErrorEvaluator(ctx)

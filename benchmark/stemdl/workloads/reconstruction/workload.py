@@ -117,7 +117,8 @@ class Reconstruction(Workload):
     def build(self, cfg, prepared):
         from stemdl.harness import dist
         from stemdl.workloads.reconstruction.models import build_model, flops_per_sample, parameter_count
-        from stemdl.workloads.reconstruction.steps import Built, L1Loss
+        from stemdl.harness.workload import Built
+        from stemdl.workloads.reconstruction.steps import ErrorEvaluator, L1Loss
 
         shape = tuple(prepared.train.image_shape)
         out_size = int(prepared.train.fields["potential"].shape[-1])
@@ -130,7 +131,7 @@ class Reconstruction(Workload):
             print(f"{self.name}: FC-DenseNet {cfg.workload.model}, {parameter_count(model):,} parameters, "
                   f"{flops_per_sample(model, shape) / 1e9:.3f} GMAC a sample ({shape[0]}x{shape[1]}x{shape[2]} -> "
                   f"1x{out_size}x{out_size})", file=sys.stderr, flush=True)
-        return Built(model, L1Loss())
+        return Built(model, L1Loss(), ErrorEvaluator)
 
     def training_batch(self, ctx, x, fields, generator):
         from stemdl.workloads.reconstruction.steps import model_input

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from stemdl.workloads.spacegroup.ablate import ensemble_seeds, mean_rows, summarize_run, tail_classes
+from stemdl.workloads.spacegroup.ablate import ensemble_seeds, mean_rows, pair_f1, summarize_run, tail_classes
 from stemdl.cli import main
 
 
@@ -37,6 +37,41 @@ def test_multitask_study_reports_the_extra_heads(tiny_data, tmp_path):
     assert "lattice_mae_a" not in result["rows"]["space_group"]
     assert result["rows"]["heads_learned"]["lattice_mae_a"] > 0
     assert 0 <= result["rows"]["heads_learned"]["crystal_system_accuracy"] <= 1
+
+
+def test_dynamical_study_trains_each_rendering_and_scores_the_pairs(tiny_data, tmp_path):
+    # The wiring, not the physics: both renderings are the tiny kinematic set here (docs/results.md has
+    # the real comparison, on the pairs preset rendered both ways).
+    data = tmp_path / "pairs"
+    data.mkdir()
+    for name in ("kinematic", "multislice"):
+        (data / name).symlink_to(tiny_data, target_is_directory=True)
+    result = ablate(data, tmp_path / "dyn", "dynamical")
+    assert list(result["rows"]) == ["kinematic", "multislice", "multislice_friedel_average"]
+    assert result["config"]["data"] == str(data)
+    for row in result["rows"].values():
+        assert all(0.0 <= row[name] <= 1.0 for name in ("P1/P-1", "Pna2_1/Pnma", "F-43m/Fm-3m"))
+    saved = {m: json.loads(next((tmp_path / "dyn" / "runs" / m / "seed_0").glob("result_*.config.json"))
+                           .read_text()) for m in result["rows"]}
+    assert [saved[m]["workload"]["friedel"] for m in result["rows"]] == ["keep", "keep", "average"]
+    assert {saved[m]["harness"]["data"] for m in result["rows"]} == {str(data / "kinematic"), str(data / "multislice")}
+    assert "P1/P-1 F1" in (tmp_path / "dyn" / "ablation.md").read_text()
+
+
+def test_dynamical_study_needs_both_renderings(tmp_path, capsys):
+    assert main(["ablate", "dynamical", "--out", str(tmp_path / "o")]) == 2
+    assert "--data is required" in capsys.readouterr().err
+    assert main(["ablate", "dynamical", "--out", str(tmp_path / "o"), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'kinematic'}: no data set here" in err and "--physics kinematic" in err
+
+
+def test_pair_f1_reads_the_pairs_block_of_the_confusion_matrix():
+    # space groups 1 and 2 are classes 0 and 1; the cells into or from class 5 are outside the block
+    final = {"num_classes": 230, "confusion": [[0, 0, 8], [0, 1, 2], [1, 1, 5], [1, 0, 5], [0, 5, 9], [5, 1, 7]]}
+    f1_p1, f1_pm1 = 2 * 8 / (10 + 13), 2 * 5 / (10 + 7)
+    assert pair_f1(final, (1, 2)) == pytest.approx((f1_p1 + f1_pm1) / 2)
+    assert pair_f1(final, (33, 62)) == 0.0  # neither present
 
 
 def test_bad_arguments_are_one_line(tiny_data, tmp_path, capsys):

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 from stemdl.harness.errors import StemdlError
-from stemdl.harness.metrics import ConfusionMatrix, Sums, all_reduce
+from stemdl.harness.metrics import ConfusionMatrix, Sums, all_reduce, dense_confusion
 
 
 def sklearn_scores(y, p):
@@ -93,6 +93,8 @@ def test_empty_matrix_and_json():
     assert json.loads(json.dumps(d)) == d, "plain JSON values"
     assert d["samples"] == 4 and d["accuracy"] == 0.75 and len(d["per_class"]) == 3
     assert d["macro_f1"] == cm.macro_f1()
+    assert d["confusion"] == [[0, 0, 1], [1, 1, 1], [2, 1, 1], [2, 2, 1]]
+    np.testing.assert_array_equal(dense_confusion(d["confusion"], 3), cm.matrix())
 
 
 def test_all_reduce_without_process_group_is_a_noop_and_only_once():

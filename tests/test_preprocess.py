@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from stemdl.harness.errors import StemdlError
-from stemdl.workloads.spacegroup.preprocess import (NORM_MEAN, NORM_STD, VIEW_CHANNELS, Preprocess, eval_views, normalize,
-                               training_view)
+from stemdl.workloads.spacegroup.preprocess import (NORM_MEAN, NORM_STD, VIEW_CHANNELS, Preprocess, eval_views, friedel,
+                               normalize, training_view)
 
 PER_DECADE = 255 / 7  # default floor 1e-3 .. ceiling 1e4: 7 decades
 
@@ -107,3 +107,14 @@ def test_single_training_view_is_deterministic_for_a_seeded_generator():
     assert set(picks.tolist()) == {0, 1, 2}  # all three patterns get used
     c = training_view(batch, "single", torch.Generator().manual_seed(124))
     assert not torch.equal(a, c)
+
+
+def test_friedel_average_imposes_the_half_turn_symmetry_about_the_image_centre():
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    assert friedel(x, "keep") is x
+    avg = friedel(x, "average")
+    # pixel (i, j) pairs with (S-1-i, S-1-j): the synthetic optical axis is at ((S-1)/2, (S-1)/2)
+    assert avg[1, 2, 0, 1] == pytest.approx(0.5 * float(x[1, 2, 0, 1] + x[1, 2, 5, 4]))
+    torch.testing.assert_close(avg, avg.flip(-2, -1))  # Friedel's law holds for the result
+    torch.testing.assert_close(friedel(avg, "average"), avg)  # a symmetric pattern is left alone
+    torch.testing.assert_close(x - avg, -(x - avg).flip(-2, -1))  # only the antisymmetric part went

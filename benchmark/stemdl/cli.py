@@ -46,7 +46,7 @@ COMMANDS = {
     "index": ("stemdl.workloads.spacegroup.data.index", "build or reuse the cached sample index of a data directory"),
     "convert": ("stemdl.workloads.spacegroup.data.convert", "convert a data set to preprocessed shards (MPI-parallel, resumable)"),
     "eda": ("stemdl.workloads.spacegroup.eda", "exploratory data analysis report (Markdown, PNG, JSON) of a data set"),
-    "ablate": ("stemdl.workloads.spacegroup.ablate", "ablations of the data challenge: imbalance methods, multi-task heads"),
+    "ablate": ("stemdl.workloads.spacegroup.ablate", "ablations of the data challenge: imbalance methods, multi-task heads, dynamical against kinematic CBED"),
     "bench": ("stemdl.workloads.spacegroup.bench", "measure the speed of a part of the harness (prints figures)"),
     "simulate": ("stemdl.physics.commands", "dynamical CBED patterns or projected potentials of a crystal from a CIF (multislice)"),
     "lacbed": ("stemdl.workloads.lacbed.commands", "large-angle CBED of a crystal from a CIF, by Bloch waves or multislice"),

@@ -120,10 +120,12 @@ class ConfusionMatrix(Sums):
 
     def summary(self) -> dict:
         """Every figure from one copy of the counts: num_classes, samples, accuracy, macro_f1, weighted_f1,
-        per_class (see ClassScores)."""
+        per_class (see ClassScores), and confusion: the matrix's nonzero cells as [target, prediction,
+        count] rows (a few hundred numbers where the dense 230x230 matrix would be 52,900)."""
         scores = ClassScores(self.matrix())
         return {"num_classes": self.num_classes, "samples": int(scores.matrix.sum()), "accuracy": scores.accuracy(),
-                "macro_f1": scores.macro_f1(), "weighted_f1": scores.weighted_f1(), "per_class": scores.per_class()}
+                "macro_f1": scores.macro_f1(), "weighted_f1": scores.weighted_f1(), "per_class": scores.per_class(),
+                "confusion": [[int(t), int(p), int(scores.matrix[t, p])] for t, p in zip(*np.nonzero(scores.matrix))]}
 
 
 def _matrix(counts: np.ndarray, c: int) -> np.ndarray:
@@ -131,6 +133,14 @@ def _matrix(counts: np.ndarray, c: int) -> np.ndarray:
         raise StemdlError(f"{counts[c * c]} evaluated samples have a label or prediction outside "
                           f"0..{c - 1} (num_classes={c}): the label map does not fit the model")
     return counts[:c * c].reshape(c, c)
+
+
+def dense_confusion(cells: list, num_classes: int) -> np.ndarray:
+    """The (C, C) int64 matrix (rows: targets) of `summary()["confusion"]`'s [target, prediction, count] rows."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for t, p, n in cells:
+        matrix[t, p] += n
+    return matrix
 
 
 class ClassScores:

@@ -3,6 +3,7 @@
     stemdl ablate imbalance --out results/imbalance            # losses, samplers, a seed ensemble
     stemdl ablate multitask --out results/multitask            # extra heads, fixed and learned weights
     stemdl ablate imbalance --methods ce,focal --seeds 0,1 --set epochs=20 --data /lustre/stemdl-shards
+    stemdl ablate dynamical --out results/dynamical --data data/pairs --seeds 0,1,2   # issue 14
 
 Every method is a set of config overrides on one base (`--config`, the `ablation` preset by default: the
 imbalanced synthetic set with the public class mix, the small CNN, 12 epochs, no stop at the target), run
@@ -12,6 +13,13 @@ top-1 accuracy and the tail macro F1 (the mean F1 of the classes with fewer trai
 median class) of the last evaluation, and the minutes to the first evaluation at the target macro F1
 where one reached it. The ensemble row averages the logits of the `ce` members (one per seed), so it
 needs `ce` in the methods and is evaluated after them; with one seed it trains extra members.
+
+The dynamical study asks what multislice patterns buy over kinematic ones on space groups that Friedel's
+law puts in one diffraction class (the `pairs` synth preset): its --data folder holds `kinematic/` and
+`multislice/`, one seed rendered both ways (`stemdl synth DATA/kinematic --preset pairs --physics
+kinematic`, the same with multislice), and its third method trains on the multislice patterns with
+Friedel's law imposed (`friedel: average`), which isolates what the broken law itself is worth. Its table
+adds each pair's F1: the macro F1 of the pair's 2x2 block of the confusion matrix (0.5 is chance).
 
 A method already finished in OUT (its metrics file is there) is not run again: an interrupted ablation
 resumes where it stopped. Results are never overwritten; a new OUT starts afresh.
@@ -44,7 +52,16 @@ MULTITASK = {
     "heads_fixed": {"tasks": "space_group,lattice,crystal_system,centring"},
     "heads_learned": {"tasks": "space_group,lattice,crystal_system,centring", "task_weighting": "learned"},
 }
-STUDIES = {"imbalance": IMBALANCE, "multitask": MULTITASK}
+# "@data": the method's data, a subfolder of --data (the same crystals rendered each way)
+DYNAMICAL = {
+    "kinematic": {"@data": "kinematic"},
+    "multislice": {"@data": "multislice"},
+    "multislice_friedel_average": {"@data": "multislice", "friedel": "average"},
+}
+# the dynamical study's pairs of space groups: one diffraction class each (issue 14)
+PAIRS = ((1, 2), (33, 62), (216, 225))
+PAIR_NAMES = {(1, 2): "P1/P-1", (33, 62): "Pna2_1/Pnma", (216, 225): "F-43m/Fm-3m"}
+STUDIES = {"imbalance": IMBALANCE, "multitask": MULTITASK, "dynamical": DYNAMICAL}
 ENSEMBLE = "ensemble"  # the imbalance study's extra row: logits of the ce members averaged
 
 
@@ -81,7 +98,18 @@ def tail_classes(counts: np.ndarray) -> np.ndarray:
     return present[counts[present] < np.median(counts[present])]
 
 
-def summarize_run(metrics: dict, tail: np.ndarray, target: float) -> dict:
+def pair_f1(final: dict, pair: tuple[int, int]) -> float:
+    """The macro F1 of the 2x2 block of the final confusion matrix that two space groups span: how well
+    the model tells them apart among the samples of the two it labels as one of the two (0.5: chance)."""
+    from stemdl.harness.metrics import ClassScores, dense_confusion
+    from stemdl.workloads.spacegroup.data.layout import class_index
+
+    rows = class_index(pair)
+    block = dense_confusion(final["confusion"], final["num_classes"])[np.ix_(rows, rows)]
+    return ClassScores(block).macro_f1()
+
+
+def summarize_run(metrics: dict, tail: np.ndarray, target: float, pairs=()) -> dict:
     final = metrics["final"]
     tail_f1 = [row["f1"] for row in final["per_class"] if row["class"] in set(tail.tolist())]
     reached = [h for h in metrics["history"] if h["macro_f1"] >= target]
@@ -90,6 +118,8 @@ def summarize_run(metrics: dict, tail: np.ndarray, target: float) -> dict:
            "minutes_to_target": reached[0]["elapsed_min"] if reached else None,
            "epochs_to_target": reached[0]["epoch"] if reached else None,
            "minutes": metrics["history"][-1]["elapsed_min"] if metrics["history"] else None}
+    for pair in pairs:
+        row[PAIR_NAMES[pair]] = pair_f1(final, pair)
     for key in ("crystal_system_accuracy", "centring_accuracy", *(f"lattice_mae_{n}" for n in
                                                                   ("a", "b", "c", "alpha", "beta", "gamma"))):
         if metrics["history"] and key in metrics["history"][-1]:
@@ -149,6 +179,8 @@ def ensemble_metrics(out: Path, base: str, seeds: list[int], extra: dict) -> dic
 def table(study: str, rows: dict, config: dict) -> str:
     columns = [("macro_f1", "macro F1"), ("weighted_f1", "weighted F1"), ("top1", "top-1"),
                ("tail_macro_f1", "tail macro F1"), ("epochs_to_target", "epochs to target"), ("minutes_to_target", "min to target"), ("reached", "reached")]
+    if study == "dynamical":
+        columns = columns[:3] + [(name, f"{name} F1") for name in PAIR_NAMES.values()]
     if study == "multitask":
         columns += [("crystal_system_accuracy", "crystal system acc."), ("centring_accuracy", "centring acc."),
                     ("lattice_mae_a", "MAE a (A)"), ("lattice_mae_alpha", "MAE alpha (deg)")]
@@ -173,7 +205,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", choices=list(STUDIES), help="which ablation")
     parser.add_argument("--out", required=True, help="folder for the runs and the table (resumed if it exists)")
     parser.add_argument("--config", default="ablation", help="base preset or YAML file (default: %(default)s)")
-    parser.add_argument("--data", help="data folder (default: the base config's, generated if synthetic)")
+    parser.add_argument("--data", help="data folder (default: the base config's, generated if synthetic); "
+                                       "dynamical: the folder of kinematic/ and multislice/ (required)")
     parser.add_argument("--methods", help="comma list (default: all of the study's)")
     parser.add_argument("--seeds", default="0", help="comma list of seeds (default: %(default)s)")
     parser.add_argument("--ensemble", type=int, default=3,
@@ -212,9 +245,27 @@ def _extra(args) -> dict:
     from stemdl.harness.config import parse_set
 
     extra = parse_set(args.set)
+    if args.study == "dynamical":
+        return extra  # each method names its own data (`data_for`)
     if args.data:
         extra.update({"harness.data": args.data, "harness.synth_preset": ""})
     return extra
+
+
+def data_for(args, overrides: dict) -> dict:
+    """A method's overrides with "@data" resolved to --data/<subfolder>, checked to hold a finished set."""
+    if "@data" not in overrides:
+        return overrides
+    if not args.data:
+        raise StemdlError(f"stemdl ablate {args.study}: --data is required: the folder holding kinematic/ and "
+                          "multislice/ (stemdl synth DATA/kinematic --preset pairs --physics kinematic, the "
+                          "same with multislice)")
+    folder = Path(args.data) / overrides["@data"]
+    if not (folder / "synth.json").is_file() and not any(folder.glob("*/*.h5")):
+        raise StemdlError(f"{folder}: no data set here; make it with: stemdl synth {folder} --preset pairs "
+                          f"--physics {'multislice' if 'multislice' in overrides['@data'] else 'kinematic'}")
+    rest = {k: v for k, v in overrides.items() if k != "@data"}
+    return {**rest, "harness.data": str(folder), "harness.synth_preset": ""}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -223,8 +274,9 @@ def run(args: argparse.Namespace) -> int:
     from stemdl.workloads.spacegroup.workload import WORKLOAD
 
     methods, seeds = _plan(args)
+    methods = {name: data_for(args, overrides) for name, overrides in methods.items()}
     extra = _extra(args)
-    base = load_config(WORKLOAD, args.config, extra)  # a bad key fails here, before any run
+    base = load_config(WORKLOAD, args.config, {**extra, **next(iter(methods.values()))})  # bad keys fail here
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     members = ensemble_seeds(seeds, args.ensemble) if args.study == "imbalance" and "ce" in methods else []
@@ -235,15 +287,17 @@ def run(args: argparse.Namespace) -> int:
                                                               keep_model=method == "ce" and seed in members)
     counts = _train_counts(out, methods, seeds)
     tail, target = tail_classes(counts), base.harness.target
-    rows = {m: mean_rows([summarize_run(results[m][s], tail, target) for s in seeds]) for m in methods}
+    pairs = PAIRS if args.study == "dynamical" else ()
+    per_seed = {m: {s: summarize_run(results[m][s], tail, target, pairs) for s in seeds} for m in methods}
+    rows = {m: mean_rows(list(per_seed[m].values())) for m in methods}
     if members:
         ens = ensemble_metrics(out, args.config, members, extra)
         rows[f"{ENSEMBLE} ({len(members)} x ce)"] = mean_rows([summarize_run(ens, tail, target)])
-    config = {"base": args.config, "data": base.harness.data, "seeds": seeds, "target": target,
+    config = {"base": args.config, "data": args.data if args.study == "dynamical" else base.harness.data, "seeds": seeds, "target": target,
               "tail_classes": len(tail), "classes": int(np.count_nonzero(counts)), "members": members,
               "overrides": extra}
-    files.write_atomic(out / "ablation.json", json.dumps({"study": args.study, "config": config, "rows": rows},
-                                                         indent=1) + "\n")
+    files.write_atomic(out / "ablation.json", json.dumps({"study": args.study, "config": config, "rows": rows,
+                                                          "per_seed": per_seed}, indent=1) + "\n")
     text = table(args.study, rows, config)
     files.write_atomic(out / "ablation.md", text)
     print(text, flush=True)

@@ -105,6 +105,19 @@ def eval_views(batch: torch.Tensor, mode: str) -> list[torch.Tensor]:
     return [batch[:, i:i + 1] for i in range(batch.shape[1])]
 
 
+def friedel(x: torch.Tensor, how: str) -> torch.Tensor:
+    """'average': each pattern of (..., S, S) replaced by the mean of it and its 180-degree turn about the
+    image centre, where the synthetic patterns have the optical axis; 'keep': x itself.
+
+    Kinematic patterns keep Friedel's law, I(g) = I(-g), so the average changes them only by their noise
+    and mistilt; a dynamical pattern of a non-centrosymmetric crystal breaks it, and the average removes
+    exactly that part. Training on averaged multislice patterns therefore measures what the broken
+    Friedel's law is worth to a classifier, against the same patterns kept whole."""
+    if how == "keep":
+        return x
+    return 0.5 * (x + x.flip(-2, -1))
+
+
 def augment(x: torch.Tensor, how: str, generator: torch.Generator) -> torch.Tensor:
     """Random left-right flips per sample ('flip'). A mirrored pattern is the pattern of the mirrored
     crystal, whose space group is the same or its enantiomorph, which kinematic diffraction cannot tell

@@ -15,7 +15,7 @@ from stemdl.harness.metrics import ConfusionMatrix, all_reduce
 from stemdl.harness.workload import Evaluation, StepContext
 from stemdl.workloads.spacegroup.data.layout import N_SPACE_GROUPS
 from stemdl.workloads.spacegroup.heads import TaskMetrics, as_outputs, average_outputs, targets
-from stemdl.workloads.spacegroup.preprocess import augment, eval_views, normalize, training_view
+from stemdl.workloads.spacegroup.preprocess import augment, eval_views, friedel, normalize, training_view
 
 
 def to_input(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -29,7 +29,8 @@ def training_batch(ctx: StepContext, x, fields: tuple, generator: torch.Generato
     """(model input, {task: target}) of a training batch: the view (stack, or a random pattern), then
     the random mirror, drawn from the epoch's `generator`."""
     y, t = fields
-    x = augment(training_view(to_input(x, ctx), section.view, generator), section.augment, generator)
+    x = friedel(to_input(x, ctx), section.friedel)
+    x = augment(training_view(x, section.view, generator), section.augment, generator)
     y, t = y.to(ctx.device, non_blocking=True), t.to(ctx.device, non_blocking=True)
     return x, targets(y, t, section.task_names)
 
@@ -45,7 +46,7 @@ class Evaluator:
     def update(self, model, x, fields: tuple, mask) -> None:
         """Add a batch: the views' outputs averaged (one pattern alone: the three patterns' logits)."""
         device = self.ctx.device
-        views = eval_views(to_input(x, self.ctx), self.section.view)
+        views = eval_views(friedel(to_input(x, self.ctx), self.section.friedel), self.section.view)
         y, t = (f.to(device) for f in fields)
         mask = mask.to(device)
         with self.ctx.autocast():

@@ -3,8 +3,8 @@
 Kinematic (single-scattering) intensities obey Friedel's law, |F(h)| = |F(-h)|, so a CBED pattern
 computed kinematically shows the Laue group (the point group plus inversion), the lattice centring and
 the reflection conditions of glide planes and screw axes, but not the point group itself. Two space
-groups whose Laue group and systematic absences coincide in some setting therefore produce identical
-kinematic data; the ITA calls this common information the *diffraction symbol*. Grouping the 230 groups
+groups whose Laue group and systematic absences coincide in some setting therefore produce kinematic
+data of the same symmetry (their intensity statistics can still differ: `scattering.wilson_statistic`); the ITA calls this common information the *diffraction symbol*. Grouping the 230 groups
 by it gives 122 classes, e.g. {P1, P-1} and {Pna2_1, Pnma} (both Pn-a in the Pnam setting).
 
 Nothing here is tabulated by hand: for each of spglib's 530 Hall settings we take the operations of the
@@ -140,8 +140,10 @@ def all_classes() -> dict[int, tuple[int, ...]]:
 def distinguishable(space_groups: Iterable[int]) -> bool:
     """True if no two of `space_groups` (distinct numbers) share a diffraction class.
 
-    A label set that fails this cannot be learned from kinematic patterns alone: the classifier would
-    have to separate groups whose simulated data are identical in distribution.
+    A label set that fails this cannot be learned from the symmetry of kinematic patterns: two groups of
+    one class give patterns of the same symmetry and absences. They can still differ in distribution:
+    the intensity statistics of a centrosymmetric crystal are centric (`scattering.wilson_statistic`),
+    which a classifier can learn from enough reflections (docs/results.md, issue 14).
     """
     groups = sorted({_check_group(sg) for sg in space_groups})
     classes = [diffraction_class(sg) for sg in groups]

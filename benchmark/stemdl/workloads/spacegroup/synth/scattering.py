@@ -133,6 +133,34 @@ def structure_factors(structure, hkl, B: float = 0.0, fast: bool = False, return
     return (F, bound) if return_bound else F
 
 
+# Wilson's statistic <|E²−1|> for N randomly placed atoms: 2/e = 0.736 when F is complex (acentric), 0.968
+# when F is real (centric: the origin on an inversion centre). Wilson (1949) Acta Cryst. 2, 318; Howells,
+# Phillips & Rogers (1950) Acta Cryst. 3, 210; the values as in International Tables Vol. B, 2.1.
+WILSON_ACENTRIC = 0.736
+WILSON_CENTRIC = 0.968
+
+
+def wilson_statistic(structure, s_range: tuple[float, float] = (0.05, 0.5), hkl_max: int = 4) -> float:
+    """<|E²−1|> over the reflections |h|,|k|,|l| <= hkl_max with s = |g|/2 in `s_range` (1/Å), systematic
+    absences left out, E² = |F_g|² / Σ_j f_j(s)² (Wilson's normalization: the mean |F|² of randomly placed
+    atoms). Near WILSON_CENTRIC for a centrosymmetric crystal, WILSON_ACENTRIC for a non-centrosymmetric
+    one: the classical intensity test of a centre of symmetry, which needs no phases, so kinematic
+    intensities carry it although they obey Friedel's law. Few atoms and special positions (atoms in
+    phase) move both values up."""
+    r = np.arange(-hkl_max, hkl_max + 1)
+    hkl = np.array(np.meshgrid(r, r, r, indexing="ij")).reshape(3, -1).T
+    g = hkl.astype(float) @ reciprocal_lattice(structure.lattice)
+    s = 0.5 * np.sqrt(np.einsum("ij,ij->i", g, g))
+    keep = (s > s_range[0]) & (s < s_range[1])
+    if not keep.any():
+        raise ValueError(f"no reflection with {s_range[0]} < s < {s_range[1]} 1/A within |hkl| <= {hkl_max}")
+    F = structure_factors(structure, hkl[keep])
+    zs, inverse = np.unique(np.asarray(structure.numbers, dtype=int), return_inverse=True)
+    sigma2 = _species_factors(zs, s[keep]) ** 2 @ np.bincount(inverse.reshape(-1), minlength=len(zs))
+    present = F != 0
+    return float(np.mean(np.abs(np.abs(F[present]) ** 2 / sigma2[present] - 1.0)))
+
+
 def extinction_distance(F, volume: float, energy_keV: float) -> np.ndarray:
     """ξ_g = π V / (λ γ |F_g|) in Å (inf where F_g = 0)."""
     absF = np.abs(np.asarray(F))

@@ -110,7 +110,9 @@ def test_thickness_list_gives_the_stack_of_single_runs(cifs, tmp_path, capsys):
 def test_scan_averages_over_probe_positions(cifs, tmp_path, capsys):
     out = tmp_path / "scan.npy"
     assert main(cbed_args(cifs["Si"], out, "1,1,0", "40", 2, 32, 20, "--scan", "2")) == 0
-    assert "simulating 4 probe position(s)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "simulating 4 probe position(s)" in captured.out
+    assert "simulate: 4/4 probes (100%)" in captured.err  # progress on stderr, a probe a chunk on a CPU
     assert np.load(out).shape == (32, 32)
 
 

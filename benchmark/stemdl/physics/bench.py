@@ -34,7 +34,7 @@ from stemdl.harness.errors import StemdlError
 ENERGY_KEV = 200.0
 DETECTOR_MRAD = 50.0  # the synth's detector half-width
 A_SI = 5.431  # Å
-CHUNK = 16  # probes a batch, simulate.cbed's default
+CHUNK = 16  # probes a batch: simulate.cbed's default on a GPU (1 on a CPU, `simulate.CHUNK`)
 
 
 def silicon():

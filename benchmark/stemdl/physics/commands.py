@@ -24,6 +24,7 @@ import numpy as np
 
 from stemdl.harness import files
 from stemdl.harness.errors import StemdlError
+from stemdl.harness.progress import Progress
 
 MIN_SIZE = 8  # pixels a side: fewer cannot show a disc beside the central one
 DTYPES = ("complex64", "complex128")
@@ -173,10 +174,11 @@ def run_cbed(args: argparse.Namespace) -> int:
         print(_describe_thickness(plan, t), flush=True)
     positions = len(simulate.probe_positions(plan, args.scan))
     print(f"simulating {positions} probe position(s) on {device.type} in {args.dtype} ...", flush=True)
-    patterns, _ = simulate.cbed(structure, zone, energy_keV=args.energy, semi_angle_mrad=args.semi_angle,
-                                thicknesses_A=thicknesses, max_angle_mrad=args.max_angle, size=args.size,
-                                scan=args.scan, defocus_A=args.defocus, cs_mm=args.cs, device=device,
-                                dtype=getattr(torch, args.dtype), plan=plan)
+    with Progress(total=positions, what="probes", label="simulate", quiet=positions == 1) as bar:
+        patterns, _ = simulate.cbed(structure, zone, energy_keV=args.energy, semi_angle_mrad=args.semi_angle,
+                                    thicknesses_A=thicknesses, max_angle_mrad=args.max_angle, size=args.size,
+                                    scan=args.scan, defocus_A=args.defocus, cs_mm=args.cs, device=device,
+                                    dtype=getattr(torch, args.dtype), plan=plan, progress=bar.update)
     array = patterns[0] if len(thicknesses) == 1 else patterns
     save(out, array, args.force)
     inside = ", ".join(f"{float(p.sum()):.4f}" for p in patterns)

@@ -84,29 +84,32 @@ def position_grid(extent_A: tuple[float, float], n: int, origin_A=(0.0, 0.0)) ->
     return pos + np.asarray(origin_A, dtype=np.float64)
 
 
-def _scan(grid, transmissions, propagator, positions_A, save_at, optics, chunk, detector):
-    """Yields the patterns (len(save_at), b, ...) of successive chunks of at most `chunk` probes."""
+def _scan(grid, transmissions, propagator, positions_A, save_at, optics, chunk, detector, progress=None):
+    """Yields the patterns (len(save_at), b, ...) of successive chunks of at most `chunk` probes, calling
+    progress(b) after each chunk when given."""
     pos = as_positions(positions_A)
     for start in range(0, len(pos), chunk):
         waves = probe(grid, positions_A=pos[start:start + chunk], device=transmissions.device,
                       dtype=transmissions.dtype, **optics)
         patterns = diffraction(propagate(waves, transmissions, propagator, save_at))
         yield detector(patterns) if detector is not None else patterns
+        if progress is not None:
+            progress(len(waves))
 
 
 def cbed(grid: Grid, transmissions: torch.Tensor, propagator: torch.Tensor, positions_A, save_at,
          *, semi_angle_mrad: float, defocus_A: float = 0.0, cs_mm: float = 0.0, chunk: int = 16,
-         detector: Callable | None = None) -> torch.Tensor:
+         detector: Callable | None = None, progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """CBED patterns (len(save_at), Nx, Ny) averaged over the probe positions_A (P, 2) Å, or one (2,).
 
     Probe optics as in `waves.probe` (mrad, Å, mm). `detector` maps patterns (..., Nx, Ny) to the
-    output pixels chunk by chunk (e.g. functools.partial(to_detector, grid=..., ...)). On the device of
-    the transmissions.
+    output pixels chunk by chunk (e.g. functools.partial(to_detector, grid=..., ...)); `progress(n)` is
+    called with the probes of each chunk once it is done. On the device of the transmissions.
     """
     optics = dict(semi_angle_mrad=semi_angle_mrad, defocus_A=defocus_A, cs_mm=cs_mm)
     n_pos = as_positions(positions_A).shape[0]
     total = None
-    for patterns in _scan(grid, transmissions, propagator, positions_A, save_at, optics, chunk, detector):
+    for patterns in _scan(grid, transmissions, propagator, positions_A, save_at, optics, chunk, detector, progress):
         part = patterns.sum(dim=1)
         total = part if total is None else total + part
     return total / n_pos
@@ -114,15 +117,16 @@ def cbed(grid: Grid, transmissions: torch.Tensor, propagator: torch.Tensor, posi
 
 def four_d_stem(grid: Grid, transmissions: torch.Tensor, propagator: torch.Tensor, positions_A, save_at,
                 *, semi_angle_mrad: float, defocus_A: float = 0.0, cs_mm: float = 0.0, chunk: int = 16,
-                detector: Callable | None = None, out_device="cpu") -> torch.Tensor:
+                detector: Callable | None = None, out_device="cpu",
+                progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """One pattern per probe position: (len(save_at), P, ...) for positions_A (P, 2) in Å.
 
-    As `cbed` without the average. Each chunk's patterns move to out_device (the host by default) as
+    As `cbed` (and its `progress`) without the average. Each chunk's patterns move to out_device (the host by default) as
     they come, so the device holds one chunk whatever the scan.
     """
     optics = dict(semi_angle_mrad=semi_angle_mrad, defocus_A=defocus_A, cs_mm=cs_mm)
     chunks = [p.to(out_device) for p in
-              _scan(grid, transmissions, propagator, positions_A, save_at, optics, chunk, detector)]
+              _scan(grid, transmissions, propagator, positions_A, save_at, optics, chunk, detector, progress)]
     return torch.cat(chunks, dim=1)
 
 

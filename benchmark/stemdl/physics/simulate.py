@@ -36,6 +36,9 @@ SLICE_A = 2.0  # default slice thickness: 5e-4..2e-2 of the pattern (L1) from 0.
 # off in L1 at 10 nm and gets the sign of GaAs's Friedel asymmetry wrong; 0.1 Å is within 1-5 %
 # (docs/physics.md, "Convergence").
 SAMPLING_A = 0.1
+# Probes propagated as one batch, by device type. On a CPU one wave stays in the cache: a batch of 16 cost
+# 2.7x more per probe and slice at 560x560 (docs/performance.md). The batch fixes the order of the sum.
+CHUNK = {"cpu": 1, "cuda": 16}
 MIN_EXTENT_A = 40.0  # a converged probe's tails (a few λ/α) stay inside the cell at the usual angles
 
 
@@ -130,6 +133,11 @@ def probe_positions(plan: Plan, scan: int | None) -> np.ndarray:
     return position_grid(tuple(cell), int(scan), origin_A=tuple(centre - cell / 2.0))
 
 
+def default_chunk(device) -> int:
+    """Probes a batch on `device` (None: the CPU): CHUNK's entry, 16 for device types it does not name."""
+    return CHUNK.get(torch.device(device or "cpu").type, 16)
+
+
 def _check_thicknesses(thicknesses_A: Sequence[float]) -> list[float]:
     values = [float(t) for t in np.atleast_1d(thicknesses_A)]
     if not values or not all(np.isfinite(t) and t > 0 for t in values):
@@ -152,8 +160,8 @@ def _pass(plan: Plan, thicknesses_A, max_angle_mrad, size, device, dtype, debye_
 def cbed(structure, zone, *, energy_keV: float, semi_angle_mrad: float, thicknesses_A: Sequence[float],
          max_angle_mrad: float, size: int, scan: int | None = None, defocus_A: float = 0.0, cs_mm: float = 0.0,
          slice_A: float = SLICE_A, sampling_A: float | None = SAMPLING_A, device=None, dtype=torch.complex64,
-         chunk: int = 16, plan: Plan | None = None, debye_waller: float = 0.0, tilt_mrad=(0.0, 0.0),
-         center_mrad=(0.0, 0.0)) -> tuple[np.ndarray, Plan]:
+         chunk: int | None = None, plan: Plan | None = None, debye_waller: float = 0.0, tilt_mrad=(0.0, 0.0),
+         center_mrad=(0.0, 0.0), progress=None) -> tuple[np.ndarray, Plan]:
     """CBED patterns float32 (len(thicknesses_A), size, size) and the plan, in one multislice pass.
 
     Pixel (i, j) is centred on the angle ((j − S/2)·2A/S, (i − S/2)·2A/S) mrad (`multislice.to_detector`),
@@ -161,28 +169,31 @@ def cbed(structure, zone, *, energy_keV: float, semi_angle_mrad: float, thicknes
     `scan` the average over scan x scan positions spanning one cell (as the public data: 8 x 8).
     `debye_waller` is B in Å² for every atom; `tilt_mrad` tilts the beam off the zone axis along the
     specimen's (x, y) (carried by the propagator, `waves.propagator`): the pattern stays centred on the
-    transmitted beam, pass center_mrad=tilt_mrad for the zone axis's frame instead.
+    transmitted beam, pass center_mrad=tilt_mrad for the zone axis's frame instead. `progress(n)` is
+    called with the probes of each chunk as it finishes (e.g. `Progress.update`); `chunk` probes go as
+    one batch (None: `default_chunk(device)`).
     """
     plan = plan or plan_cbed(structure, zone, energy_keV=energy_keV, max_angle_mrad=max_angle_mrad,
                              size=size, slice_A=slice_A, sampling_A=sampling_A)
     t, prop, save_at, detector = _pass(plan, thicknesses_A, max_angle_mrad, size, device, dtype, debye_waller,
                                        tilt_mrad, center_mrad)
     out = _cbed(plan.grid, t, prop, probe_positions(plan, scan), save_at, semi_angle_mrad=semi_angle_mrad,
-                defocus_A=defocus_A, cs_mm=cs_mm, chunk=chunk, detector=detector)
+                defocus_A=defocus_A, cs_mm=cs_mm, chunk=chunk or default_chunk(device), detector=detector, progress=progress)
     return out.cpu().numpy().astype(np.float32), plan
 
 
 def four_d_stem(structure, zone, *, energy_keV: float, semi_angle_mrad: float, thicknesses_A: Sequence[float],
                 max_angle_mrad: float, size: int, positions_A, defocus_A: float = 0.0, cs_mm: float = 0.0,
                 slice_A: float = SLICE_A, sampling_A: float | None = SAMPLING_A, device=None,
-                dtype=torch.complex64, chunk: int = 16, plan: Plan | None = None) -> tuple[np.ndarray, Plan]:
+                dtype=torch.complex64, chunk: int | None = None, plan: Plan | None = None,
+                progress=None) -> tuple[np.ndarray, Plan]:
     """One pattern per probe position: float32 (len(thicknesses_A), P, size, size), positions (P, 2) in Å
-    of the specimen (`plan.grid.extent`; the cell's origin at 0). Detector as in `cbed`."""
+    of the specimen (`plan.grid.extent`; the cell's origin at 0). Detector and `progress` as in `cbed`."""
     plan = plan or plan_cbed(structure, zone, energy_keV=energy_keV, max_angle_mrad=max_angle_mrad,
                              size=size, slice_A=slice_A, sampling_A=sampling_A)
     t, prop, save_at, detector = _pass(plan, thicknesses_A, max_angle_mrad, size, device, dtype)
     out = _four_d_stem(plan.grid, t, prop, positions_A, save_at, semi_angle_mrad=semi_angle_mrad,
-                       defocus_A=defocus_A, cs_mm=cs_mm, chunk=chunk, detector=detector)
+                       defocus_A=defocus_A, cs_mm=cs_mm, chunk=chunk or default_chunk(device), detector=detector, progress=progress)
     return out.numpy().astype(np.float32), plan
 
 

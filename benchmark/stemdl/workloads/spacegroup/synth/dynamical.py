@@ -29,9 +29,6 @@ from stemdl.workloads.spacegroup.synth import cbed
 # triclinic random crystals need 1-3 % along most axes; a few need up to 10 %.
 CELL_SEARCH = ((1e-3, 8), (1e-2, 8), (3e-2, 16), (1e-1, 16))
 MARGIN_PX = 2  # detector pixels simulated beyond the rotated image's corners (the bilinear neighbours)
-# Probes propagated as one batch, by device type. On a CPU one wave stays in the cache: a batch of 16 cost
-# 2.7x more per probe and slice at 560x560 (docs/performance.md). The batch fixes the order of the sum.
-CHUNK = {"cpu": 1, "cuda": 16}
 
 
 @dataclass(frozen=True)
@@ -96,8 +93,6 @@ def one_thread():
 def simulate(structure, spec: cbed.PatternSpec, scan: int, device=None):
     """(the pattern float64 (big, big) on the engine's detector, the cell's axes x, y, z (3, 3) in the
     lattice's Cartesian frame, the pattern's `cbed.ZoneFrame`, `Simulated`)."""
-    import torch
-
     from stemdl.physics import simulate as engine
     from stemdl.physics.supercell import beam_axes
 
@@ -110,7 +105,6 @@ def simulate(structure, spec: cbed.PatternSpec, scan: int, device=None):
     patterns, _ = engine.cbed(structure, the_plan.cell.zone, energy_keV=spec.energy_keV,
                               semi_angle_mrad=1e3 * spec.semi_angle_rad, thicknesses_A=[10.0 * spec.thickness_nm],
                               max_angle_mrad=big * pixel / 2.0, size=big, scan=scan, device=device,
-                              chunk=CHUNK.get(torch.device(device or "cpu").type, 16),
                               plan=the_plan, debye_waller=spec.debye_waller,
                               tilt_mrad=(float(tilt @ axes_ms[0]), float(tilt @ axes_ms[1])),
                               center_mrad=(-pixel / 2.0, -pixel / 2.0))

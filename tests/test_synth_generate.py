@@ -17,8 +17,9 @@ import h5py
 import numpy as np
 import pytest
 
+from mpirun import run_ranks
 from stemdl.cli import main
-from stemdl.harness import locks
+from stemdl.harness import locks, sampleset
 from stemdl.workloads.spacegroup.data import layout
 from stemdl.harness.errors import StemdlError
 from stemdl.workloads.spacegroup.synth import crystals, diffclass, generate
@@ -38,6 +39,17 @@ def tiny_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "tiny"
     assert main(["synth", str(out), "--preset", "tiny", "--seed", "7", "--workers", "1", "--quiet"]) == 0
     return out
+
+
+def test_two_ranks_write_the_same_bytes_and_manifest_as_one(tiny_set, tmp_path):
+    proc = run_ranks([sys.executable, "-m", "stemdl", "synth", tmp_path / "two", "--preset", "tiny", "--seed", "7",
+                      "--workers", "1", "--quiet"], timeout=300)
+    assert proc.returncode == 0, proc.stdout
+    assert digests(tmp_path / "two") == digests(tiny_set) and len(digests(tiny_set)) == 4
+    one, two = (json.loads((root / generate.MANIFEST).read_text()) for root in (tiny_set, tmp_path / "two"))
+    assert two == one and two["status"] == "complete" and two["benchmark"] == "stemdl"
+    assert sum(two["class_counts"]["train"].values()) == 8
+    assert proc.stdout.count("samples in 4 files (complete)") == 1, "rank 0 alone says it"
 
 
 def test_tiny_set_has_the_public_layout(tiny_set):
@@ -138,7 +150,7 @@ def test_refuses_foreign_folder_and_other_settings(tmp_path, tiny_set, capsys):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("precious")
     assert main(["synth", str(foreign), "--preset", "tiny", "--quiet"]) == 2
-    assert "not a stemdl synthetic data set" in capsys.readouterr().err
+    assert "not a stemdl data set" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "precious"
     assert main(["synth", str(tiny_set), "--preset", "tiny", "--seed", "8", "--quiet"]) == 2
     assert "other settings" in capsys.readouterr().err
@@ -292,7 +304,7 @@ def test_a_waiting_writer_leaves_the_live_writers_partial_files_alone(tmp_path):
     out, cfg = tmp_path / "set", tiny_config()
     out.mkdir()
     with locks.folder_lock(out):
-        generate.open_output(out, cfg)  # what the live writer has done so far
+        sampleset._open(out, generate.set_spec(cfg))  # what the live writer has done so far
         live = out / "train" / ".batch_train_0.h5.otherhost-1.partial"
         live.parent.mkdir()
         live.write_bytes(b"half a file")
@@ -363,8 +375,7 @@ def test_a_run_arriving_while_another_starts_the_set_generates_too(tmp_path, mon
     for name in traces:
         (root / name).write_text("")
     calls = []
-    monkeypatch.setattr(prepare, "_generate", lambda r, preset: calls.append((r, preset)))
-    monkeypatch.setattr(prepare.dist, "on_root", lambda fn, *args: fn(*args))  # one rank, no MPI
+    monkeypatch.setattr(generate, "generate", lambda r, cfg, workers: calls.append((r, cfg.preset)))
     cfg = SimpleNamespace(harness=SimpleNamespace(data=str(root), synth_preset="tiny"))
     assert prepare.ensure_data(cfg) == root and calls == [(root, "tiny")]
     (root / "mine.txt").write_text("a user's file")

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
+import re
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -65,6 +67,27 @@ def summary_line(out, manifest: dict) -> str:
     return f"{out}: {total} samples in {len(manifest['files'])} files ({manifest['status']})"
 
 
+def run_writer(out, workers: int | None, write: Callable[[int], dict],
+               announce: Callable[[object, int], str] | None = None) -> int:
+    """A generator command on every rank: MPI set up (gloo on the CPUs: the work is CPU work, MPI only
+    carries the outcomes), `workers` processes a rank (None: `default_workers`), rank 0 printing
+    announce(env, workers) on stderr first and the set's summary line at the end; write(workers) writes
+    the set and returns its manifest. The command's exit status."""
+    import sys
+
+    env = dist.setup(backend="gloo", device="cpu")
+    try:
+        n = workers or default_workers(env)
+        if env.is_root and announce is not None:
+            print(announce(env, n), file=sys.stderr, flush=True)
+        manifest = write(n)
+        if env.is_root:
+            print(summary_line(out, manifest))
+        return 0
+    finally:
+        dist.teardown()
+
+
 @dataclass(frozen=True)
 class SetSpec:
     """What a generated set is: everything the writer needs."""
@@ -78,6 +101,12 @@ class SetSpec:
     write: Callable  # write(h5py.File, key, sample)
     worker_init: Callable | None = one_thread  # run in each worker process of a pool (threads, signals)
     what: str = "data set"  # how messages name the set ("a reconstruction data set")
+    extra: dict = field(default_factory=dict)  # more fields for the complete manifest (JSON), e.g. class counts
+    matches: Callable | None = None  # matches(stored config) -> bool; None: equal to `content`
+
+    def same_data(self, stored) -> bool:
+        """A manifest's `config` describes this set (resuming it, or finding it complete, is safe)."""
+        return self.matches(stored) if self.matches is not None else stored == self.content
 
 
 def finished(out: Path, spec: SetSpec) -> dict | None:
@@ -86,7 +115,7 @@ def finished(out: Path, spec: SetSpec) -> dict | None:
         manifest = read_manifest(out)
     except StemdlError:
         return None  # said under the lock
-    if not manifest or manifest.get("status") != "complete" or manifest.get("config") != spec.content:
+    if not manifest or manifest.get("status") != "complete" or not spec.same_data(manifest.get("config")):
         return None
     return manifest if all((out / rel).is_file() for rel, _ in spec.plan) else None
 
@@ -95,10 +124,11 @@ def _open(out: Path, spec: SetSpec) -> tuple[dict, list]:
     """Under the lock: the manifest (new, or the existing one if it describes the same data) and the files
     still to write. A file under its final name is complete (renamed after closing): listed if it is not."""
     manifest = read_manifest(out)
+    stored = None if manifest is None else dict(manifest, files=dict(manifest.get("files", {})))
     if manifest is None:
         manifest = {"generator": f"stemdl {__version__}", "benchmark": spec.benchmark, "preset": spec.preset,
                     "description": spec.description, "config": spec.content, "status": "incomplete", "files": {}}
-    elif manifest.get("config") != spec.content:
+    elif not spec.same_data(manifest.get("config")):
         raise StemdlError(f"{out} holds {spec.what} made with other settings (see {out / MANIFEST}); "
                           "choose another OUT, or the same settings to resume")
     for stale in out.glob("*/.*.partial"):  # what a killed writer left: nobody else writes here now
@@ -109,8 +139,19 @@ def _open(out: Path, spec: SetSpec) -> tuple[dict, list]:
             todo.append((rel, keys))
         elif rel not in manifest["files"]:
             manifest["files"][rel] = {"samples": len(keys), "sha256": sha256(out / rel)}
-    write_json_atomic(out / MANIFEST, manifest)
+    if manifest != stored:  # a job that waited for another and finds the set complete rewrites nothing
+        write_json_atomic(out / MANIFEST, manifest)
     return manifest, todo
+
+
+def storage_error(exc: BaseException) -> OSError | None:
+    """The OSError of the storage behind an h5py error, if any. After a failed write (a full disk) h5py's
+    close raises a RuntimeError of its own, with the write's errno only in its text."""
+    for e in (exc, exc.__context__):
+        if isinstance(e, OSError) and e.errno:
+            return e
+    found = re.search(r"errno = (\d+)", str(exc))
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
 
 
 def _write_share(out: Path, spec: SetSpec, todo: list, workers: int, bar: Progress, manifest: dict | None) -> dict:
@@ -126,10 +167,17 @@ def _write_share(out: Path, spec: SetSpec, todo: list, workers: int, bar: Progre
     try:
         for rel, file_keys in todo:
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            with files.atomic_path(out / rel, durable=True) as tmp, h5py.File(tmp, "w") as h5:
-                for key in file_keys:
-                    spec.write(h5, key, next(results))
-                    bar.update(1)
+            with files.atomic_path(out / rel, durable=True) as tmp:
+                try:
+                    with h5py.File(tmp, "w") as h5:
+                        for key in file_keys:
+                            spec.write(h5, key, next(results))
+                            bar.update(1)
+                except (OSError, RuntimeError) as exc:  # as the storage's OSError, which atomic_path words
+                    cause = storage_error(exc)
+                    if cause is None:
+                        raise
+                    raise cause from None
             written[rel] = {"samples": len(file_keys), "sha256": sha256(out / rel)}
             if manifest is not None:
                 manifest["files"][rel] = written[rel]
@@ -188,7 +236,7 @@ def write_set(out, spec: SetSpec, workers: int = 1, quiet: bool = False, wait: b
         def complete():
             for written in outcomes:
                 manifest["files"].update(written)
-            manifest["status"] = "complete"
+            manifest.update(spec.extra, status="complete")
             write_json_atomic(out / MANIFEST, manifest)
             return manifest
 

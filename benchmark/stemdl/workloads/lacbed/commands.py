@@ -121,22 +121,14 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from stemdl.harness import dist
-    from stemdl.harness.sampleset import default_workers, summary_line
+    from stemdl.harness.sampleset import run_writer
     from stemdl.workloads.lacbed.synth import LacbedSettings, generate
 
     settings = LacbedSettings(samples=args.samples, size=args.size, beams=args.beams, energy_keV=args.energy,
                               samples_per_file=args.samples_per_file, seed=args.seed, source=args.source,
                               thicknesses_A=tuple(parse_thicknesses(args.thickness)))
     settings.check()
-    env = dist.setup(backend="gloo", device="cpu")  # CPU work; MPI carries the outcomes
-    try:
-        manifest = generate(args.out, settings, workers=args.workers or default_workers(env), quiet=args.quiet)
-        if env.is_root:
-            print(summary_line(args.out, manifest))
-        return 0
-    finally:
-        dist.teardown()
+    return run_writer(args.out, args.workers, lambda n: generate(args.out, settings, workers=n, quiet=args.quiet))
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from stemdl.harness import dist
 from stemdl.harness.errors import StemdlError
 from stemdl.workloads.reconstruction import layout
 from stemdl.workloads.reconstruction.generate import SampleSettings
 # synth.json as the space-group generator writes it: its helpers, not copies
-from stemdl.harness.sampleset import SetSpec, default_workers, summary_line, write_set
+from stemdl.harness.sampleset import SetSpec, run_writer, write_set
 from stemdl.harness.synthset import MANIFEST
 
 __all__ = ["MANIFEST", "SynthConfig", "generate", "preset_config"]
@@ -174,20 +173,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = preset_config(args.preset, args.seed, args.samples, args.samples_per_file)
-    env = dist.setup(backend="gloo", device="cpu")  # the work is on CPUs; MPI only carries the outcomes
-    try:
-        workers = args.workers or default_workers(env)
-        s = cfg.sample_settings()
-        if env.is_root and not args.quiet:
-            print(f"synth {args.out}: preset {cfg.preset}, seed {cfg.seed}, samples {cfg.samples}, "
-                  f"{s.scan}x{s.scan} probes of {s.pattern_size}x{s.pattern_size} -> {s.target_size}x"
-                  f"{s.target_size}, {env.world_size} rank(s) x {workers} worker(s)", file=sys.stderr)
-        manifest = generate(args.out, cfg, workers=workers, quiet=args.quiet)
-        if env.is_root:
-            print(summary_line(args.out, manifest))
-        return 0
-    finally:
-        dist.teardown()
+    s = cfg.sample_settings()
+
+    def announce(env, workers):
+        return (f"synth {args.out}: preset {cfg.preset}, seed {cfg.seed}, samples {cfg.samples}, "
+                f"{s.scan}x{s.scan} probes of {s.pattern_size}x{s.pattern_size} -> {s.target_size}x"
+                f"{s.target_size}, {env.world_size} rank(s) x {workers} worker(s)")
+
+    return run_writer(args.out, args.workers, lambda n: generate(args.out, cfg, workers=n, quiet=args.quiet),
+                      None if args.quiet else announce)
 
 
 def main(argv=None) -> int:

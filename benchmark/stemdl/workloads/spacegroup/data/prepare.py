@@ -24,19 +24,17 @@ from stemdl.harness.data import Prepared, node_scope
 from stemdl.harness.errors import StemdlError
 
 
-def _generate(root: Path, preset: str) -> None:
-    from stemdl.workloads.spacegroup.synth import generate
-
-    generate.generate(root, generate.preset_config(preset), workers=os.cpu_count() or 1)
-
-
 def ensure_data(cfg) -> Path:
     """The data folder. A synthetic one (absent, or made by `stemdl synth`) is generated or finished
-    first by rank 0 (the others wait; an error there is raised on every rank). A folder that another run
-    has only just started to generate (nothing but its lock yet) counts as synthetic: this run waits for it."""
+    first, by every rank together (each writes its share of the files; an error anywhere is raised on
+    every rank). A folder that another run has only just started to generate (nothing but its lock yet)
+    counts as synthetic: this run waits for it."""
+    from stemdl.harness.sampleset import default_workers
+    from stemdl.workloads.spacegroup.synth import generate
+
     root, preset = Path(cfg.harness.data), cfg.harness.synth_preset
     if preset and synthset.wants_generating(root):
-        dist.on_root(_generate, root, preset)
+        generate.generate(root, generate.preset_config(preset), workers=default_workers(dist.current_or_none()))
     if not root.exists():
         raise StemdlError(f"--data {root}: no such folder")
     return root

@@ -11,8 +11,9 @@ Files are `OUT/{train,dev,test}/batch_{split}_N.h5` like the public set, and lik
 samples are ordered by space group within a split.
 
 Reproducible and resumable by construction: sample i of a split draws all its randomness from
-SeedSequence([seed, split, i]), so the bytes written do not depend on the number of workers; workers only
-compute samples, the parent writes each file under a temporary name and renames it when complete, and
+SeedSequence([seed, split, i]), so the bytes written depend neither on the number of workers nor on the
+ranks (`mpiexec -n N stemdl synth ...` deals the files round-robin, `harness.sampleset`); workers only
+compute samples, each rank writes its files under a temporary name and renames them when complete, and
 `OUT/synth.json` records the configuration and every finished file. Re-running the same command continues
 an interrupted run; a different configuration for an existing OUT is refused rather than mixed in. One
 writer at a time (`OUT/.lock`): a second one, e.g. a second first `stemdl run`, waits for the first and
@@ -25,26 +26,20 @@ import argparse
 import csv
 import dataclasses
 import json
-import multiprocessing
-import os
-import re
 import signal
-import sys
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import h5py
 import numpy as np
 import yaml
 
-from stemdl import __version__
-from stemdl.workloads.spacegroup.data import layout
-from stemdl.harness import files, locks
-from stemdl.harness.synthset import MANIFEST, read_manifest, refuse_foreign, sha256, write_json_atomic
+from stemdl.harness import files
 from stemdl.harness.errors import StemdlError
-from stemdl.harness.progress import Progress
+from stemdl.harness.sampleset import SetSpec, run_writer, write_set
+from stemdl.harness.synthset import MANIFEST  # noqa: F401 (where callers and tests find the manifest's name)
+from stemdl.workloads.spacegroup.data import layout
 
 SPLIT_IDS = {"train": 0, "dev": 1, "test": 2}
 
@@ -333,148 +328,43 @@ def _task(args):
     return split, index, stack, record
 
 
-# ---------------------------------------------------------------- the output folder
+# ---------------------------------------------------------------- the set and its writer
 
 
-def _finished(out: Path, cfg: SynthConfig) -> dict | None:
-    """The manifest if OUT already holds this set complete (nothing to write, so no lock needed), else None."""
-    try:
-        manifest = read_manifest(out)
-    except StemdlError:
-        return None  # said under the lock, by open_output
-    if not manifest or manifest.get("status") != "complete" or not cfg.same_data(manifest.get("config")):
-        return None
-    done = all(file_path(out, split, number).is_file() for split, number, _ in file_plan(cfg))
-    return manifest if done else None
+def _write_sample(h5, key, sample) -> None:
+    _, split, index, _ = key
+    got_split, got, stack, record = sample
+    assert (got_split, got) == (split, index), "results arrive in task order"
+    layout.write_sample(h5, f"sample_{index}_0", stack, record)
 
 
-def open_output(out: Path, cfg: SynthConfig) -> dict:
-    """The manifest of OUT: new, or the existing one if it describes the same data. Never clobbers."""
-    manifest_path = out / MANIFEST
-    manifest = read_manifest(out)
-    if manifest is not None:
-        if not cfg.same_data(manifest.get("config")):
-            raise StemdlError(f"{out} holds a synthetic set made with other settings "
-                              f"(see {manifest_path}); choose another OUT or the same settings to resume")
-        return manifest
-    refuse_foreign(out)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = {"generator": f"stemdl {__version__}", "preset": cfg.preset, "description": cfg.description,
-                "config": cfg.content(), "status": "incomplete", "files": {}}
-    write_json_atomic(manifest_path, manifest)
-    return manifest
-
-
-def remove_partials(out: Path) -> None:
-    """What a killed writer left. Only under the folder lock: otherwise these are a live writer's files."""
-    for split in layout.SPLITS:
-        for stale in (out / split).glob(".*.partial"):
-            stale.unlink()
-
-
-def pending_files(out: Path, cfg: SynthConfig, manifest: dict):
-    """Files still to write. A file under its final name is complete (it was renamed after closing)."""
-    todo = []
-    for split, number, indices in file_plan(cfg):
-        path = file_path(out, split, number)
-        rel = str(path.relative_to(out))
-        if path.exists():
-            if rel not in manifest["files"]:  # renamed, but stopped before the manifest was updated
-                manifest["files"][rel] = {"samples": len(indices), "sha256": sha256(path)}
-            continue
-        todo.append((split, number, indices))
-    return todo
-
-
-# ---------------------------------------------------------------- running it
+def set_spec(cfg: SynthConfig) -> SetSpec:
+    """The set `cfg` describes, for `sampleset.write_set`: its files, each sample's key (cfg, split, index,
+    space group), the class counts recorded in the complete manifest."""
+    labels = {split: split_labels(cfg, split) for split in layout.SPLITS}
+    plan = [(str(file_path(Path(), split, number)), [(cfg, split, i, int(labels[split][i])) for i in indices])
+            for split, number, indices in file_plan(cfg)]
+    counts = {split: {str(g): int(n) for g, n in zip(*np.unique(labels[split], return_counts=True))}
+              for split in layout.SPLITS}
+    # `_task` is looked up now, not at import: a test may stand in for it
+    return SetSpec(benchmark="stemdl", preset=cfg.preset, description=cfg.description, content=cfg.content(),
+                   plan=plan, make=_task, write=_write_sample, worker_init=_worker_init,
+                   what="a synthetic set", extra={"class_counts": counts}, matches=cfg.same_data)
 
 
 def generate(out: Path, cfg: SynthConfig, workers: int = 1, quiet: bool = False, wait: bool = True,
              timeout: float | None = None) -> dict:
-    """Write (or finish writing) the set; returns the manifest. While another process writes OUT, wait
-    for it (`timeout` seconds at most; None: for ever), or with `wait=False` refuse at once."""
-    out = Path(out)
-    manifest = _finished(out, cfg)
-    if manifest is not None:
-        return manifest
-    refuse_foreign(out)  # before the lock file: a folder of the user's is never written into
-    files.check_folder(out, "OUT")
-    with locks.folder_lock(out, wait=wait, timeout=timeout, what=f"writing {out}"):
-        try:
-            return _generate_locked(out, cfg, workers, quiet)
-        except OSError as exc:  # storage errors outside an atomic write (a split folder, a checksum)
-            if exc.errno not in files.WRITE_ERRNOS:
-                raise
-            raise files.write_error(exc.filename or out, exc) from None
-
-
-def _generate_locked(out: Path, cfg: SynthConfig, workers: int, quiet: bool) -> dict:
-    manifest = open_output(out, cfg)
-    remove_partials(out)
-    todo = pending_files(out, cfg, manifest)
-    labels = {split: split_labels(cfg, split) for split in layout.SPLITS}
-    tasks = [(cfg, split, i, int(labels[split][i])) for split, _, indices in todo for i in indices]
-    if tasks:
-        try:
-            _write_files(out, todo, tasks, manifest, workers, quiet)
-        finally:
-            remove_partials(out)
-    done = dict(manifest, status="complete",
-                class_counts={split: {str(g): int(n) for g, n in zip(*np.unique(labels[split], return_counts=True))}
-                              for split in layout.SPLITS})
-    if done != manifest:  # a writer that waited for another finds it complete: nothing to write
-        write_json_atomic(out / MANIFEST, done)
-    return done
-
-
-def _write_files(out, todo, tasks, manifest, workers, quiet) -> None:
-    pool = None
-    if workers > 1:
-        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init)
-        results = pool.imap(_task, tasks, chunksize=1)
-    else:
+    """Write (or finish writing) the set; returns the manifest. Collective when `dist.setup()` was called:
+    the ranks share the files (`sampleset.write_set`), each with `workers` processes. While another job
+    writes OUT, wait for it (`timeout` seconds at most; None: for ever), or with `wait=False` refuse at once."""
+    if workers <= 1:
         _worker_init(in_pool=False)
-        results = map(_task, tasks)
     try:
-        with Progress(len(tasks), what="samples", label="synth", quiet=quiet) as bar:
-            for split, number, indices in todo:
-                path = file_path(out, split, number)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with files.atomic_path(path, durable=True) as tmp:
-                    _write_h5(tmp, indices, results, bar)
-                rel = str(path.relative_to(out))
-                manifest["files"][rel] = {"samples": len(indices), "sha256": sha256(path)}
-                write_json_atomic(out / MANIFEST, manifest)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-
-
-def _write_h5(tmp: Path, indices: range, results, bar) -> None:
-    """The samples `indices`, in order, into a new HDF5 file; a failed write as the OSError behind it."""
-    try:
-        with h5py.File(tmp, "w") as h5:
-            for index in indices:
-                _, got, stack, record = next(results)
-                assert got == index, "results arrive in task order"
-                layout.write_sample(h5, f"sample_{index}_0", stack, record)
-                bar.update(1)
-    except (OSError, RuntimeError) as exc:
-        cause = _storage_error(exc)
-        if cause is None:
+        return write_set(Path(out), set_spec(cfg), workers=workers, quiet=quiet, wait=wait, timeout=timeout)
+    except OSError as exc:  # storage errors outside an atomic write (a split folder, a checksum)
+        if exc.errno not in files.WRITE_ERRNOS:
             raise
-        raise cause from None
-
-
-def _storage_error(exc: BaseException) -> OSError | None:
-    """The OSError of the storage behind an h5py error, if any. After a failed write (a full disk) h5py's
-    close raises a RuntimeError of its own, with the write's errno only in its text."""
-    for e in (exc, exc.__context__):
-        if isinstance(e, OSError) and e.errno:
-            return e
-    found = re.search(r"errno = (\d+)", str(exc))
-    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
+        raise files.write_error(exc.filename or out, exc) from None
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -496,8 +386,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="kinematic (fast, the presets' default) or multislice (dynamical, minutes a sample)")
     parser.add_argument("--scan", type=int, help="multislice: probe positions per cell edge, averaged "
                                                  "(default: the preset's, else 8 as the public data)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="worker processes (default: %(default)s); the output does not depend on it")
+    parser.add_argument("--workers", type=int,
+                        help="worker processes a rank (default: the rank's share of the node's cores); the "
+                             "output depends neither on them nor on the ranks (mpiexec -n N stemdl synth ...)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -509,11 +400,11 @@ def _stop(signum, frame):
 def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     cfg = resolve_config(args)
-    if not args.quiet:
-        print(f"stemdl synth {args.out}: preset {cfg.preset}, seed {cfg.seed}, "
-              f"{len(cfg.space_groups)} space groups ({cfg.distribution}), samples {cfg.samples}, "
-              f"{cfg.image_size}x{cfg.image_size}, {cfg.physics}, {args.workers} workers", file=sys.stderr)
-    manifest = generate(args.out, cfg, workers=max(1, args.workers), quiet=args.quiet)
-    total = sum(f["samples"] for f in manifest["files"].values())
-    print(f"{args.out}: {total} samples in {len(manifest['files'])} files ({manifest['status']})")
-    return 0
+
+    def announce(env, workers):
+        return (f"stemdl synth {args.out}: preset {cfg.preset}, seed {cfg.seed}, {len(cfg.space_groups)} space "
+                f"groups ({cfg.distribution}), samples {cfg.samples}, {cfg.image_size}x{cfg.image_size}, "
+                f"{cfg.physics}, {env.world_size} rank(s) x {workers} worker(s)")
+
+    return run_writer(args.out, args.workers, lambda n: generate(args.out, cfg, workers=n, quiet=args.quiet),
+                      None if args.quiet else announce)

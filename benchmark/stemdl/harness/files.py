@@ -129,6 +129,14 @@ def atomic_path(path: Path | str, durable: bool = False, replace: bool = True):
         tmp.unlink(missing_ok=True)
 
 
+def write_figure(fig, out: Path | str, dpi: int = 100) -> None:
+    """A matplotlib figure as a PNG at `out`, its folder made, written atomically (never half a picture)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+
+
 def write_atomic(path: Path | str, data: str | bytes, durable: bool = False, replace: bool = True) -> None:
     with atomic_path(path, durable, replace) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)

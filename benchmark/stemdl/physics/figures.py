@@ -77,8 +77,7 @@ def montage(out: Path) -> None:
     fig.suptitle(f"CBED at {ENERGY_KEV:.0f} kV, semi-angle {SEMI_ANGLE_MRAD:g} mrad, ±{MAX_ANGLE_MRAD:g} mrad, "
                  "log scale: multislice (left), kinematic (right)", fontsize=9)
     fig.tight_layout()
-    with files.atomic_path(Path(out)) as tmp:
-        fig.savefig(tmp, format="png", dpi=72)
+    files.write_figure(fig, out, dpi=72)
 
 
 if __name__ == "__main__":

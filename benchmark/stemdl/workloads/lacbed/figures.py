@@ -67,9 +67,7 @@ def montage(out: Path, data: Path, checkpoint: Path, split: str = "test") -> dic
         material = pairs.name_of(int(i)).rsplit("/", 1)[-1]
         axes[r, 0].set_ylabel(f"{label}: Z {z[i]:.2f}\n{material}", fontsize=8)
     fig.suptitle(f"{split} split of {data.name}: {len(z)} materials, mean Z {z.mean():.3f}", fontsize=11)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with files.atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    files.write_figure(fig, out, dpi=110)
     return {"z": z.tolist(), "chosen": [(label, int(i)) for label, i in chosen]}
 
 

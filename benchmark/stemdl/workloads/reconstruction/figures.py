@@ -122,9 +122,7 @@ def _run_label(metrics: Path) -> str:
 
 
 def _save(fig: Figure, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with files.atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    files.write_figure(fig, out, dpi=110)
     print(out)
 
 

@@ -1,6 +1,6 @@
 """The figure of docs/results.md's dynamical study: where multislice patterns break Friedel's law.
 
-    python -m stemdl.workloads.spacegroup.figures friedel docs/friedel-pairs.png --data data/pairs
+    python -m stemdl.workloads.spacegroup.figures docs/friedel-pairs.png --data data/pairs
 
 DATA holds `kinematic/` and `multislice/`, one seed of the `pairs` synth preset rendered both ways (as
 `stemdl ablate dynamical` reads it). One row per space group: the first dev sample of that group (the
@@ -96,19 +96,15 @@ def friedel_figure(out: Path, data: Path, groups=tuple(GROUPS)) -> None:
         a.set_yticks([])
     fig.suptitle("The same crystals rendered kinematically and by multislice: log intensity and the part "
                  "that breaks Friedel's law", fontsize=10)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with files.atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    files.write_figure(fig, out)
     print(out)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stemdl.workloads.spacegroup.figures",
                                      description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="figure", required=True)
-    p = sub.add_parser("friedel", help="kinematic and multislice patterns of each group, and their Friedel asymmetry")
-    p.add_argument("out", type=Path)
-    p.add_argument("--data", type=Path, required=True, help="the folder of kinematic/ and multislice/")
+    parser.add_argument("out", type=Path, help="the PNG to write")
+    parser.add_argument("--data", type=Path, required=True, help="the folder of kinematic/ and multislice/")
     args = parser.parse_args(argv)
     try:
         friedel_figure(args.out, args.data)

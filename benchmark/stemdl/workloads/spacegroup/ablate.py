@@ -17,8 +17,12 @@ needs `ce` in the methods and is evaluated after them; with one seed it trains e
 The dynamical study asks what multislice patterns buy over kinematic ones on space groups that Friedel's
 law puts in one diffraction class (the `pairs` synth preset): its --data folder holds `kinematic/` and
 `multislice/`, one seed rendered both ways (`stemdl synth DATA/kinematic --preset pairs --physics
-kinematic`, the same with multislice), and its third method trains on the multislice patterns with
-Friedel's law imposed (`friedel: average`), which isolates what the broken law itself is worth. Its table
+kinematic`, the same with multislice), and each is also trained with Friedel's law imposed on the
+input (`friedel: average`): on the multislice patterns that isolates what the broken law itself is
+worth, on the kinematic ones what the averaging does by itself (it also halves the noise, and removes
+the asymmetry of mistilt). Two more rows need no training: one threshold on a sample's Friedel asymmetry
+(`spacegroup.friedel`), fitted on train and scored on dev per pair, for each rendering: whether the
+broken law alone tells the pair apart. Its table
 adds each pair's F1: the macro F1 of the pair's 2x2 block of the confusion matrix (0.5 is chance).
 
 A method already finished in OUT (its metrics file is there) is not run again: an interrupted ablation
@@ -55,6 +59,7 @@ MULTITASK = {
 # "@data": the method's data, a subfolder of --data (the same crystals rendered each way)
 DYNAMICAL = {
     "kinematic": {"@data": "kinematic"},
+    "kinematic_friedel_average": {"@data": "kinematic", "friedel": "average"},
     "multislice": {"@data": "multislice"},
     "multislice_friedel_average": {"@data": "multislice", "friedel": "average"},
 }
@@ -268,6 +273,19 @@ def data_for(args, overrides: dict) -> dict:
     return {**rest, "harness.data": str(folder), "harness.synth_preset": ""}
 
 
+def asymmetry_rows(data: Path, train_split: str, eval_split: str) -> dict:
+    """The dynamical study's rows without a model: per rendering, each pair's dev F1 of one threshold on
+    the samples' Friedel asymmetry (`friedel.pair_f1`)."""
+    from stemdl.workloads.spacegroup import friedel
+
+    rows = {}
+    for kind in ("kinematic", "multislice"):
+        train = friedel.sample_asymmetries(data / kind, train_split)
+        dev = friedel.sample_asymmetries(data / kind, eval_split)
+        rows[f"{kind}: Friedel asymmetry alone"] = {PAIR_NAMES[p]: friedel.pair_f1(train, dev, p) for p in PAIRS}
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     from stemdl.harness import files
     from stemdl.harness.config import load_config
@@ -290,6 +308,8 @@ def run(args: argparse.Namespace) -> int:
     pairs = PAIRS if args.study == "dynamical" else ()
     per_seed = {m: {s: summarize_run(results[m][s], tail, target, pairs) for s in seeds} for m in methods}
     rows = {m: mean_rows(list(per_seed[m].values())) for m in methods}
+    if args.study == "dynamical":
+        rows.update(asymmetry_rows(Path(args.data), base.harness.train_split, base.harness.eval_split))
     if members:
         ens = ensemble_metrics(out, args.config, members, extra)
         rows[f"{ENSEMBLE} ({len(members)} x ce)"] = mean_rows([summarize_run(ens, tail, target)])

@@ -7,9 +7,8 @@ DATA holds `kinematic/` and `multislice/`, one seed of the `pairs` synth preset 
 same crystal, zone, thickness and tilt in both sets), its first pattern kinematic and multislice on a log
 scale, and beside each the antisymmetric part of its amplitude sqrt(I) (the square root tames the dose
 noise of the dark pixels, which dominates on the log scale), (x - x turned 180 degrees) / 2: what
-`friedel: average` removes. The number over each difference is the sample's Friedel asymmetry, the L1
-norm of that part over that of the amplitude's contrast (0 where Friedel's law holds; noise and mistilt
-leave some).
+`friedel: average` removes. The number over each difference is the pattern's Friedel asymmetry
+(`spacegroup.friedel.asymmetry`: 0 where Friedel's law holds; noise and mistilt leave some).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from matplotlib.figure import Figure
 
 from stemdl.harness import files
 from stemdl.harness.errors import StemdlError
+from stemdl.workloads.spacegroup import friedel
 from stemdl.workloads.spacegroup.data import layout
 
 matplotlib.use("Agg")
@@ -37,17 +37,6 @@ def log_pattern(image: np.ndarray) -> np.ndarray:
     """log10 of the pattern over its mean pixel, floored at LOG_FLOOR."""
     image = np.asarray(image, dtype=np.float64)
     return np.log10(np.maximum(image / image.mean(), LOG_FLOOR))
-
-
-def antisymmetric(image: np.ndarray) -> np.ndarray:
-    """(x - x turned 180 degrees about the image centre) / 2: the part Friedel's law forbids."""
-    return 0.5 * (image - image[::-1, ::-1])
-
-
-def asymmetry(image: np.ndarray) -> float:
-    """L1 of the antisymmetric part of `image` over L1 of its contrast (image - its mean)."""
-    contrast = np.abs(image - image.mean()).sum()
-    return float(2.0 * np.abs(antisymmetric(image)).sum() / contrast) if contrast else 0.0
 
 
 def first_of_each(root: Path, groups, split: str = "dev") -> dict[int, tuple[str, np.ndarray]]:
@@ -82,15 +71,15 @@ def friedel_figure(out: Path, data: Path, groups=tuple(GROUPS)) -> None:
     for row, sg in enumerate(groups):
         for k, kind in enumerate(kinds):
             pattern = picked[kind][sg][1]
-            image, amplitude = log_pattern(pattern), np.sqrt(np.maximum(pattern, 0.0) / pattern.mean())
-            diff = antisymmetric(amplitude)
+            image, amp = log_pattern(pattern), friedel.amplitude(pattern)
+            diff = friedel.antisymmetric(amp)
             a = axes[row, 2 * k]
             a.imshow(image, cmap="magma")
             a.set_title(f"{GROUPS.get(sg, sg)} ({sg}), {kind}", fontsize=9)
             limit = max(float(np.abs(diff).max()), 1e-6)
             d = axes[row, 2 * k + 1]
             d.imshow(diff, cmap="RdBu_r", vmin=-limit, vmax=limit)
-            d.set_title(f"antisymmetric part of sqrt I: {asymmetry(amplitude):.2f}", fontsize=9)
+            d.set_title(f"antisymmetric part of sqrt I: {friedel.asymmetry(amp):.2f}", fontsize=9)
     for a in axes.flat:
         a.set_xticks([])
         a.set_yticks([])

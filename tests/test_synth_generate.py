@@ -382,3 +382,12 @@ def test_a_run_arriving_while_another_starts_the_set_generates_too(tmp_path, mon
     calls.clear()
     prepare.ensure_data(cfg)
     assert calls == [], "a folder with other content is the user's data, never generated into"
+
+
+def test_a_first_run_on_two_ranks_generates_its_set_together(tiny_data, tmp_path):
+    proc = run_ranks([sys.executable, "-m", "stemdl", "run", "--config", "smoke", "--set",
+                      f"data={tmp_path / 'tiny'}", "--set", f"log_dir={tmp_path / 'runs'}"], timeout=300)
+    assert proc.returncode == 0, proc.stdout
+    assert digests(tmp_path / "tiny") == digests(tiny_data), "the ranks wrote the one process's bytes"
+    assert json.loads((tmp_path / "tiny" / generate.MANIFEST).read_text())["status"] == "complete"
+    assert "2 rank(s)" in proc.stdout

@@ -198,8 +198,13 @@ def table(study: str, rows: dict, config: dict) -> str:
                          if key not in ("minutes_to_target", "epochs_to_target") else f"{value:.1f}")
         lines.append(f"| {method} | {' | '.join(cells)} |")
     head = (f"# stemdl ablate {study}\n\nBase config `{config['base']}`, data `{config['data']}`, seeds "
-            f"{config['seeds']}, target macro F1 {config['target']}; tail = classes with fewer training samples "
-            f"than the median class ({config['tail_classes']} of {config['classes']}).\n\n")
+            f"{config['seeds']}, target macro F1 {config['target']}")
+    if study == "dynamical":
+        head += ("; a pair's F1: the macro F1 of its 2x2 block of the confusion matrix (0.5: chance); the "
+                 "rows 'Friedel asymmetry alone' are one threshold on it, fitted on train.\n\n")
+    else:
+        head += (f"; tail = classes with fewer training samples than the median class ({config['tail_classes']} "
+                 f"of {config['classes']}).\n\n")
     return head + "\n".join(lines) + "\n"
 
 

@@ -47,20 +47,20 @@ def test_dynamical_study_trains_each_rendering_and_scores_the_pairs(tiny_data, t
     for name in ("kinematic", "multislice"):
         (data / name).symlink_to(tiny_data, target_is_directory=True)
     result = ablate(data, tmp_path / "dyn", "dynamical")
-    assert list(result["rows"]) == ["kinematic", "kinematic_friedel_average", "multislice",
-                                    "multislice_friedel_average", "kinematic: Friedel asymmetry alone",
-                                    "multislice: Friedel asymmetry alone"]
+    trained = ["kinematic", "kinematic_friedel_average", "multislice", "multislice_friedel_average",
+               "kinematic_friedel_split", "multislice_friedel_split"]
+    assert list(result["rows"]) == trained + ["kinematic: Friedel asymmetry alone",
+                                              "multislice: Friedel asymmetry alone"]
     assert result["config"]["data"] == str(data)
-    for method in list(result["rows"])[:4]:
+    for method in trained:
         row = result["rows"][method]
         assert all(0.0 <= row[name] <= 1.0 for name in ("P1/P-1", "Pna2_1/Pnma", "F-43m/Fm-3m"))
     # the tiny set holds none of the pairs' groups: the threshold rows say so rather than invent a score
     assert result["rows"]["multislice: Friedel asymmetry alone"] == {"P1/P-1": None, "Pna2_1/Pnma": None,
                                                                       "F-43m/Fm-3m": None}
-    trained = list(result["rows"])[:4]
     saved = {m: json.loads(next((tmp_path / "dyn" / "runs" / m / "seed_0").glob("result_*.config.json"))
                            .read_text()) for m in trained}
-    assert [saved[m]["workload"]["friedel"] for m in trained] == ["keep", "average", "keep", "average"]
+    assert [saved[m]["workload"]["friedel"] for m in trained] == ["keep", "average"] * 2 + ["split"] * 2
     assert {saved[m]["harness"]["data"] for m in trained} == {str(data / "kinematic"), str(data / "multislice")}
     assert "P1/P-1 F1" in (tmp_path / "dyn" / "ablation.md").read_text()
 

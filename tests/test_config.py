@@ -41,6 +41,7 @@ def test_keys_bare_dotted_or_nested_reach_their_section():
 @pytest.mark.parametrize("overrides, key", [({"epochs": "two"}, "epochs"), ({"amp": 1}, "amp"),
                                             ({"batch_size": 2.5}, "batch_size"), ({"target": 1.5}, "target"),
                                             ({"view": "all"}, "view"), ({"nope": 1}, "nope"),
+                                            ({"friedel": "half"}, "friedel"),
                                             ({"harness.model": "x"}, "harness.model"),
                                             ({"model": "resnet7"}, "model"), ({"pipeline": "fast"}, "pipeline"),
                                             ({"sampler": "x"}, "sampler"), ({"tasks": "space_group,x"}, "tasks"),
@@ -51,6 +52,13 @@ def test_keys_bare_dotted_or_nested_reach_their_section():
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(StemdlError, match=f"'{key}'"):
         load("smoke", overrides)
+
+
+def test_model_input_channels_follow_the_view_and_the_friedel_split():
+    channels = {(view, how): load("smoke", {"view": view, "friedel": how}).workload.in_channels
+                for view in ("stack", "single") for how in ("keep", "average", "split")}
+    assert channels == {("stack", "keep"): 3, ("stack", "average"): 3, ("stack", "split"): 6,
+                        ("single", "keep"): 1, ("single", "average"): 1, ("single", "split"): 2}
 
 
 def test_a_float_written_as_users_write_it():

@@ -118,3 +118,19 @@ def test_friedel_average_imposes_the_half_turn_symmetry_about_the_image_centre()
     torch.testing.assert_close(avg, avg.flip(-2, -1))  # Friedel's law holds for the result
     torch.testing.assert_close(friedel(avg, "average"), avg)  # a symmetric pattern is left alone
     torch.testing.assert_close(x - avg, -(x - avg).flip(-2, -1))  # only the antisymmetric part went
+
+
+def test_friedel_split_gives_the_symmetric_then_the_antisymmetric_halves_as_channels():
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    split = friedel(x, "split")
+    assert split.shape == (2, 6, 6, 6)
+    sym, anti = split[:, :3], split[:, 3:]
+    torch.testing.assert_close(sym, friedel(x, "average"))
+    torch.testing.assert_close(anti, -anti.flip(-2, -1))
+    torch.testing.assert_close(sym + anti, x)  # nothing is lost
+    # a pattern that keeps Friedel's law (a kinematic one) has nothing in its antisymmetric channels
+    assert torch.count_nonzero(friedel(sym, "split")[:, 3:]) == 0
+    one = friedel(x[:, :1], "split")  # one pattern alone (view single): 2 channels
+    assert one.shape == (2, 2, 6, 6) and torch.equal(one, split[:, [0, 3]])
+    with pytest.raises(StemdlError, match="'half' is not one of keep, average, split"):
+        friedel(x, "half")

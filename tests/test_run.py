@@ -120,9 +120,10 @@ def test_data_errors_reach_every_rank_and_a_given_path_is_never_filled(tmp_path,
 
 
 def test_single_view_torch_pipeline_and_resnet_run(tiny_data, tmp_path):
-    # the reference recipe's code paths: one pattern per sample, logits averaged over 3 at evaluation
+    # the reference recipe's code paths: one pattern per sample, logits averaged over 3 at evaluation;
+    # with Friedel's split each view is that pattern's two halves (2 channels)
     result = run_smoke(tiny_data, tmp_path / "runs", "--set", "view=single", "--set", "pipeline=torch",
-                       "--set", "model=resnet18")
+                       "--set", "model=resnet18", "--set", "friedel=split")
     ok, messages = check_log(result["log"])
     assert ok, messages
     assert len(result["metrics"]["history"]) == 2

@@ -20,10 +20,12 @@ law puts in one diffraction class (the `pairs` synth preset): its --data folder 
 kinematic`, the same with multislice), and each is also trained with Friedel's law imposed on the
 input (`friedel: average`): on the multislice patterns that isolates what the broken law itself is
 worth, on the kinematic ones what the averaging does by itself (it also halves the noise, and removes
-the asymmetry of mistilt). Two more rows need no training: one threshold on a sample's Friedel asymmetry
-(`spacegroup.friedel`), fitted on train and scored on dev per pair, for each rendering: whether the
-broken law alone tells the pair apart. Its table
-adds each pair's F1: the macro F1 of the pair's 2x2 block of the confusion matrix (0.5 is chance).
+the asymmetry of mistilt); and with each pattern split into its symmetric and antisymmetric halves as
+channels (`friedel: split`), which puts the difference between g and -g where a convolution sees it.
+Two more rows need no training: one threshold on a sample's Friedel asymmetry (`spacegroup.friedel`),
+fitted on train and scored on dev per pair, for each rendering: whether the broken law alone tells the
+pair apart. Its table adds each pair's F1: the macro F1 of the pair's 2x2 block of the confusion matrix
+(0.5 is chance).
 
 A method already finished in OUT (its metrics file is there) is not run again: an interrupted ablation
 resumes where it stopped. Results are never overwritten; a new OUT starts afresh.
@@ -62,6 +64,8 @@ DYNAMICAL = {
     "kinematic_friedel_average": {"@data": "kinematic", "friedel": "average"},
     "multislice": {"@data": "multislice"},
     "multislice_friedel_average": {"@data": "multislice", "friedel": "average"},
+    "kinematic_friedel_split": {"@data": "kinematic", "friedel": "split"},
+    "multislice_friedel_split": {"@data": "multislice", "friedel": "split"},
 }
 # the dynamical study's pairs of space groups: one diffraction class each (issue 14)
 PAIRS = ((1, 2), (33, 62), (216, 225))

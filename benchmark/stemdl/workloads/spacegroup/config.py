@@ -22,7 +22,7 @@ class SpaceGroupConfig:
     log_ceiling: float = 1e4
     view: str = "stack"  # stack: 3 patterns as channels; single: one pattern, logits averaged at eval
     augment: str = "flip"  # flip: random left-right mirror per training sample; none
-    friedel: str = "keep"  # keep | average: each pattern averaged with its 180-degree turn (a control, issue 14)
+    friedel: str = "keep"  # keep | average (with its 180-degree turn) | split (that average and the rest, as channels)
     # -- model and heads
     model: str = "small_cnn"
     tasks: str = "space_group"  # heads on the shared trunk: space_group[,lattice,crystal_system,centring]
@@ -51,13 +51,14 @@ class SpaceGroupConfig:
 
     @property
     def in_channels(self) -> int:
-        return 3 if self.view == "stack" else 1
+        return (3 if self.view == "stack" else 1) * (2 if self.friedel == "split" else 1)
 
 
 def check(cfg) -> None:
     """The section's values, and its rules across the harness's (epoch budget, shard scope)."""
     from stemdl.workloads.spacegroup.losses import check_options
     from stemdl.workloads.spacegroup.models import MODELS
+    from stemdl.workloads.spacegroup.preprocess import FRIEDEL
     from stemdl.workloads.spacegroup.samplers import SAMPLERS
     from stemdl.workloads.spacegroup.synth.generate import presets as synth_presets
 
@@ -66,7 +67,7 @@ def check(cfg) -> None:
         (w.image_size >= 8, "image_size", "must be 8 or more"),
         (w.view in ("stack", "single"), "view", "must be stack or single"),
         (w.augment in ("flip", "none"), "augment", "must be flip or none"),
-        (w.friedel in ("keep", "average"), "friedel", "must be keep or average"),
+        (w.friedel in FRIEDEL, "friedel", f"must be one of {', '.join(FRIEDEL)}"),
         (0 < w.log_floor < w.log_ceiling, "log_floor", "0 < log_floor < log_ceiling"),
         (w.model in MODELS, "model", f"{w.model!r} is not one of {', '.join(MODELS)}"),
         (w.sampler in SAMPLERS, "sampler", f"{w.sampler!r} is not one of {', '.join(SAMPLERS)}"),

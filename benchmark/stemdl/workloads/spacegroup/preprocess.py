@@ -105,17 +105,30 @@ def eval_views(batch: torch.Tensor, mode: str) -> list[torch.Tensor]:
     return [batch[:, i:i + 1] for i in range(batch.shape[1])]
 
 
+FRIEDEL = ("keep", "average", "split")  # how `friedel` treats the patterns: see its docstring
+
+
 def friedel(x: torch.Tensor, how: str) -> torch.Tensor:
-    """'average': each pattern of (..., S, S) replaced by the mean of it and its 180-degree turn about the
-    image centre, where the synthetic patterns have the optical axis; 'keep': x itself.
+    """(..., C, S, S) patterns and their 180-degree turn about the image centre, where the synthetic
+    patterns have the optical axis: 'keep' gives x itself; 'average' replaces each pattern by the mean of
+    it and its turn (C channels); 'split' gives that mean and the other half, x minus the mean, as
+    channels (..., 2C, S, S): the C symmetric channels first, then the C antisymmetric ones.
 
     Kinematic patterns keep Friedel's law, I(g) = I(-g), so the average changes them only by their noise
     and mistilt; a dynamical pattern of a non-centrosymmetric crystal breaks it, and the average removes
     exactly that part. Training on averaged multislice patterns therefore measures what the broken
-    Friedel's law is worth to a classifier, against the same patterns kept whole."""
+    Friedel's law is worth to a classifier, against the same patterns kept whole. 'split' loses nothing
+    (the two halves add up to x) but puts x(g) - x(-g) at pixel g: a convolution sees there what it
+    could otherwise compare only across the whole pattern, since g and -g lie on opposite sides of the
+    centre."""
     if how == "keep":
         return x
-    return 0.5 * (x + x.flip(-2, -1))
+    if how not in FRIEDEL:
+        raise StemdlError(f"friedel: {how!r} is not one of {', '.join(FRIEDEL)}")
+    symmetric = 0.5 * (x + x.flip(-2, -1))
+    if how == "average":
+        return symmetric
+    return torch.cat([symmetric, x - symmetric], dim=-3)
 
 
 def augment(x: torch.Tensor, how: str, generator: torch.Generator) -> torch.Tensor:

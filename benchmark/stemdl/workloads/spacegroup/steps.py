@@ -26,11 +26,11 @@ def to_input(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
 
 
 def training_batch(ctx: StepContext, x, fields: tuple, generator: torch.Generator, section):
-    """(model input, {task: target}) of a training batch: the view (stack, or a random pattern), then
-    the random mirror, drawn from the epoch's `generator`."""
+    """(model input, {task: target}) of a training batch: the view (stack, or a random pattern), its
+    Friedel treatment, then the random mirror, drawn from the epoch's `generator`."""
     y, t = fields
-    x = friedel(to_input(x, ctx), section.friedel)
-    x = augment(training_view(x, section.view, generator), section.augment, generator)
+    x = friedel(training_view(to_input(x, ctx), section.view, generator), section.friedel)
+    x = augment(x, section.augment, generator)
     y, t = y.to(ctx.device, non_blocking=True), t.to(ctx.device, non_blocking=True)
     return x, targets(y, t, section.task_names)
 
@@ -46,7 +46,8 @@ class Evaluator:
     def update(self, model, x, fields: tuple, mask) -> None:
         """Add a batch: the views' outputs averaged (one pattern alone: the three patterns' logits)."""
         device = self.ctx.device
-        views = eval_views(friedel(to_input(x, self.ctx), self.section.friedel), self.section.view)
+        how = self.section.friedel
+        views = [friedel(v, how) for v in eval_views(to_input(x, self.ctx), self.section.view)]
         y, t = (f.to(device) for f in fields)
         mask = mask.to(device)
         with self.ctx.autocast():

@@ -48,7 +48,7 @@ def test_dynamical_study_trains_each_rendering_and_scores_the_pairs(tiny_data, t
         (data / name).symlink_to(tiny_data, target_is_directory=True)
     result = ablate(data, tmp_path / "dyn", "dynamical")
     trained = ["kinematic", "kinematic_friedel_average", "multislice", "multislice_friedel_average",
-               "kinematic_friedel_split", "multislice_friedel_split"]
+               "kinematic_friedel_split", "multislice_friedel_split", "kinematic_to_multislice"]
     assert list(result["rows"]) == trained + ["kinematic: Friedel asymmetry alone",
                                               "multislice: Friedel asymmetry alone"]
     assert result["config"]["data"] == str(data)
@@ -60,7 +60,16 @@ def test_dynamical_study_trains_each_rendering_and_scores_the_pairs(tiny_data, t
                                                                       "F-43m/Fm-3m": None}
     saved = {m: json.loads(next((tmp_path / "dyn" / "runs" / m / "seed_0").glob("result_*.config.json"))
                            .read_text()) for m in trained}
-    assert [saved[m]["workload"]["friedel"] for m in trained] == ["keep", "average"] * 2 + ["split"] * 2
+    assert [saved[m]["workload"]["friedel"] for m in trained] == ["keep", "average"] * 2 + ["split"] * 2 + ["keep"]
+    # the transfer row: the kinematic training, its final weights scored on the multislice folder, which
+    # here holds the very same samples: so the score is the run's own last one, recomputed from the weights
+    transfer = json.loads((tmp_path / "dyn" / "runs" / "kinematic_to_multislice" / "seed_0" / "transfer.json").read_text())
+    assert transfer["data"] == str(data / "multislice")
+    own = json.loads(next((tmp_path / "dyn" / "runs" / "kinematic_to_multislice" / "seed_0")
+                          .glob("result_*.metrics.json")).read_text())["final"]
+    assert transfer["final"]["confusion"] == own["confusion"]
+    assert result["rows"]["kinematic_to_multislice"]["macro_f1"] == pytest.approx(own["macro_f1"])
+    assert saved["kinematic_to_multislice"]["harness"]["data"] == str(data / "kinematic")
     assert {saved[m]["harness"]["data"] for m in trained} == {str(data / "kinematic"), str(data / "multislice")}
     assert "P1/P-1 F1" in (tmp_path / "dyn" / "ablation.md").read_text()
 

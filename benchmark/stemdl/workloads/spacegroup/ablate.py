@@ -25,7 +25,10 @@ channels (`friedel: split`), which puts the difference between g and -g where a 
 Two more rows need no training: one threshold on a sample's Friedel asymmetry (`spacegroup.friedel`),
 fitted on train and scored on dev per pair, for each rendering: whether the broken law alone tells the
 pair apart. Its table adds each pair's F1: the macro F1 of the pair's 2x2 block of the confusion matrix
-(0.5 is chance).
+(0.5 is chance). The method `kinematic_to_multislice` trains on the kinematic patterns, exactly as
+`kinematic` does, keeps its final weights and scores them on the multislice validation split (its row;
+the run's own log scores it on the kinematic one): how a model trained on the default synthetic
+physics fares on dynamical patterns of the same crystals.
 
 A method already finished in OUT (its metrics file is there) is not run again: an interrupted ablation
 resumes where it stopped. Results are never overwritten; a new OUT starts afresh.
@@ -66,6 +69,7 @@ DYNAMICAL = {
     "multislice_friedel_average": {"@data": "multislice", "friedel": "average"},
     "kinematic_friedel_split": {"@data": "kinematic", "friedel": "split"},
     "multislice_friedel_split": {"@data": "multislice", "friedel": "split"},
+    "kinematic_to_multislice": {"@data": "kinematic", "@transfer": "multislice"},
 }
 # the dynamical study's pairs of space groups: one diffraction class each (issue 14)
 PAIRS = ((1, 2), (33, 62), (216, 225))
@@ -150,20 +154,19 @@ def mean_rows(rows: list[dict]) -> dict:
 # ---------------------------------------------------------------- the ensemble
 
 
-def ensemble_metrics(out: Path, base: str, seeds: list[int], extra: dict) -> dict:
-    """Macro F1 etc. of the ce members' averaged outputs on the evaluation split (one process), evaluated
-    by the harness's evaluation, as every run's last one is."""
+def evaluate_saved(cfg, folders: list[Path], ensemble: bool) -> list[dict]:
+    """The final evaluation details (`ConfusionMatrix.summary`) of the weights saved in each folder, on the
+    evaluation split of cfg's data, in this process, by the harness's evaluation: one for the members'
+    averaged outputs (`ensemble`), else one per folder."""
     import torch
 
     from stemdl.harness import checkpoint, dist, loop, mlperf
-    from stemdl.harness.config import load_config
     from stemdl.harness.data import prepare
     from stemdl.harness.pipelines import Feed, build_pipeline
     from stemdl.harness.workload import StepContext
     from stemdl.workloads.spacegroup.heads import Ensemble
     from stemdl.workloads.spacegroup.workload import WORKLOAD
 
-    cfg = load_config(WORKLOAD, base, {**extra, "harness.seed": seeds[0]})
     env = dist.setup()
     try:
         quiet = mlperf.MLLogger(None, rank=1)  # rank 1: writes nothing
@@ -171,15 +174,50 @@ def ensemble_metrics(out: Path, base: str, seeds: list[int], extra: dict) -> dic
         pipe = build_pipeline("memory", prepared.train, prepared.eval, cfg, env,
                               feed=Feed(normalization=WORKLOAD.input_normalization))
         members = []
-        for seed in seeds:
+        for folder in folders:
             built = WORKLOAD.build(cfg, prepared)
-            state = torch.load(checkpoint.resolve(_method_dir(out, "ce", seed) / "model"), weights_only=False)
+            state = torch.load(checkpoint.resolve(folder), weights_only=False)
             built.model.load_state_dict(state["model"])
             members.append(built.model)
-        evaluation = loop.evaluate(Ensemble(members), pipe, built.evaluator(StepContext(cfg, env, pipe.normalized)))
-        return {"final": dict(evaluation.details), "history": []}
+        ctx = StepContext(cfg, env, pipe.normalized)
+        models = [Ensemble(members)] if ensemble else members
+        return [dict(loop.evaluate(model, pipe, built.evaluator(ctx)).details) for model in models]
     finally:
         dist.teardown()
+
+
+def ensemble_metrics(out: Path, base: str, seeds: list[int], extra: dict) -> dict:
+    """Macro F1 etc. of the ce members' averaged outputs on the evaluation split (one process), evaluated
+    by the harness's evaluation, as every run's last one is."""
+    from stemdl.harness.config import load_config
+    from stemdl.workloads.spacegroup.workload import WORKLOAD
+
+    cfg = load_config(WORKLOAD, base, {**extra, "harness.seed": seeds[0]})
+    folders = [_method_dir(out, "ce", seed) / "model" for seed in seeds]
+    return {"final": evaluate_saved(cfg, folders, ensemble=True)[0], "history": []}
+
+
+TRANSFER_FILE = "transfer.json"  # in a run's folder: its final weights scored on the other rendering
+
+
+def transfer_metrics(out: Path, base: str, method: str, overrides: dict, seeds: list[int], extra: dict) -> dict:
+    """{seed: metrics of the method's final weights on the evaluation split of `overrides`' data} (the
+    other rendering), each computed once and kept in the run's folder as TRANSFER_FILE."""
+    from stemdl.harness import files
+    from stemdl.harness.config import load_config
+    from stemdl.workloads.spacegroup.workload import WORKLOAD
+
+    saved = {seed: _method_dir(out, method, seed) / TRANSFER_FILE for seed in seeds}
+    missing = [seed for seed in seeds if not saved[seed].is_file()]
+    if missing:
+        print(f"stemdl ablate: {method}: scoring seeds {missing} on {overrides['harness.data']}", file=sys.stderr,
+              flush=True)
+        cfg = load_config(WORKLOAD, base, {**overrides, **extra, "harness.seed": missing[0]})
+        folders = [_method_dir(out, method, seed) / "model" for seed in missing]
+        for seed, details in zip(missing, evaluate_saved(cfg, folders, ensemble=False)):
+            metrics = {"data": overrides["harness.data"], "final": details, "history": []}
+            files.write_atomic(saved[seed], json.dumps(metrics, indent=1) + "\n")
+    return {seed: json.loads(saved[seed].read_text()) for seed in seeds}
 
 
 # ---------------------------------------------------------------- the table
@@ -301,7 +339,9 @@ def run(args: argparse.Namespace) -> int:
     from stemdl.workloads.spacegroup.workload import WORKLOAD
 
     methods, seeds = _plan(args)
-    methods = {name: data_for(args, overrides) for name, overrides in methods.items()}
+    transfers = {name: o["@transfer"] for name, o in methods.items() if "@transfer" in o}
+    methods = {name: data_for(args, {k: v for k, v in o.items() if k != "@transfer"}) for name, o in methods.items()}
+    transfers = {name: data_for(args, {"@data": where}) for name, where in transfers.items()}
     extra = _extra(args)
     base = load_config(WORKLOAD, args.config, {**extra, **next(iter(methods.values()))})  # bad keys fail here
     out = Path(args.out)
@@ -310,8 +350,12 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for method, overrides in methods.items():
         for seed in sorted(set(seeds) | (set(members) if method == "ce" else set())):
+            keep = (method == "ce" and seed in members) or method in transfers
             results.setdefault(method, {})[seed] = run_method(out, args.config, method, overrides, seed, extra,
-                                                              keep_model=method == "ce" and seed in members)
+                                                              keep_model=keep)
+        if method in transfers:  # the row scores the final weights on the other rendering
+            results[method] = transfer_metrics(out, args.config, method, {**overrides, **transfers[method]},
+                                               seeds, extra)
     counts = _train_counts(out, methods, seeds)
     tail, target = tail_classes(counts), base.harness.target
     pairs = PAIRS if args.study == "dynamical" else ()

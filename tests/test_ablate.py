@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from stemdl.workloads.spacegroup.ablate import ensemble_seeds, mean_rows, pair_f1, summarize_run, tail_classes
+from stemdl.workloads.spacegroup.ablate import (class_top1, ensemble_seeds, mean_rows, pair_f1, summarize_run,
+                                               tail_classes)
 from stemdl.cli import main
 
 
@@ -54,7 +55,7 @@ def test_dynamical_study_trains_each_rendering_and_scores_the_pairs(tiny_data, t
     assert result["config"]["data"] == str(data)
     for method in trained:
         row = result["rows"][method]
-        assert all(0.0 <= row[name] <= 1.0 for name in ("P1/P-1", "Pna2_1/Pnma", "F-43m/Fm-3m"))
+        assert all(0.0 <= row[name] <= 1.0 for name in ("P1/P-1", "Pna2_1/Pnma", "F-43m/Fm-3m", "class_top1"))
     # the tiny set holds none of the pairs' groups: the threshold rows say so rather than invent a score
     assert result["rows"]["multislice: Friedel asymmetry alone"] == {"P1/P-1": None, "Pna2_1/Pnma": None,
                                                                       "F-43m/Fm-3m": None}
@@ -87,6 +88,9 @@ def test_pair_f1_reads_the_pairs_block_of_the_confusion_matrix():
     final = {"num_classes": 230, "confusion": [[0, 0, 8], [0, 1, 2], [1, 1, 5], [1, 0, 5], [0, 5, 9], [5, 1, 7]]}
     f1_p1, f1_pm1 = 2 * 8 / (10 + 13), 2 * 5 / (10 + 7)
     assert pair_f1(final, (1, 2)) == pytest.approx((f1_p1 + f1_pm1) / 2)
+    # 8 + 2 + 5 + 5 of the 36 samples are called a group of their own pair (classes 0 and 1); the 9
+    # of class 0 called 5 and the 7 of class 5 called 1 are not
+    assert class_top1(final, [(1, 2)]) == pytest.approx(20 / 36)
     assert pair_f1(final, (33, 62)) == 0.0  # neither present
 
 

@@ -1,6 +1,7 @@
 """`stemdl ablate`: each study end to end on the tiny set (tiny budgets), and its arithmetic."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ def test_multitask_study_reports_the_extra_heads(tiny_data, tmp_path):
     assert 0 <= result["rows"]["heads_learned"]["crystal_system_accuracy"] <= 1
 
 
-def test_dynamical_study_trains_each_rendering_and_scores_the_pairs(tiny_data, tmp_path):
+def test_dynamical_study_trains_each_rendering_and_scores_the_pairs(tiny_data, tmp_path, capsys):
     # The wiring, not the physics: both renderings are the tiny kinematic set here (docs/results.md has
     # the real comparison, on the pairs preset rendered both ways).
     data = tmp_path / "pairs"
@@ -64,13 +65,21 @@ def test_dynamical_study_trains_each_rendering_and_scores_the_pairs(tiny_data, t
     assert [saved[m]["workload"]["friedel"] for m in trained] == ["keep", "average"] * 2 + ["split"] * 2 + ["keep"]
     # the transfer row: the kinematic training, its final weights scored on the multislice folder, which
     # here holds the very same samples: so the score is the run's own last one, recomputed from the weights
-    transfer = json.loads((tmp_path / "dyn" / "runs" / "kinematic_to_multislice" / "seed_0" / "transfer.json").read_text())
+    run_dir = tmp_path / "dyn" / "runs" / "kinematic_to_multislice" / "seed_0"
+    transfer = json.loads((run_dir / "transfer.json").read_text())
     assert transfer["data"] == str(data / "multislice")
-    own = json.loads(next((tmp_path / "dyn" / "runs" / "kinematic_to_multislice" / "seed_0")
-                          .glob("result_*.metrics.json")).read_text())["final"]
+    own = json.loads(next(run_dir.glob("result_*.metrics.json")).read_text())["final"]
     assert transfer["final"]["confusion"] == own["confusion"]
     assert result["rows"]["kinematic_to_multislice"]["macro_f1"] == pytest.approx(own["macro_f1"])
     assert saved["kinematic_to_multislice"]["harness"]["data"] == str(data / "kinematic")
+    # a finished run whose weights were removed cannot be scored: one line, and nothing trained again
+    (run_dir / "transfer.json").unlink()
+    shutil.rmtree(run_dir / "model")
+    assert main(["ablate", "dynamical", "--out", str(tmp_path / "dyn"), "--config", "smoke", "--data", str(data),
+                 "--methods", "kinematic_to_multislice", "--set", "epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'model'}: the final weights of kinematic_to_multislice (seed 0) are gone" in err
+    assert f"remove {run_dir} to train it again" in err
     assert {saved[m]["harness"]["data"] for m in trained} == {str(data / "kinematic"), str(data / "multislice")}
     assert "P1/P-1 F1" in (tmp_path / "dyn" / "ablation.md").read_text()
 

@@ -227,6 +227,10 @@ def transfer_metrics(out: Path, base: str, method: str, overrides: dict, seeds: 
               flush=True)
         cfg = load_config(WORKLOAD, base, {**overrides, **extra, "harness.seed": missing[0]})
         folders = [_method_dir(out, method, seed) / "model" for seed in missing]
+        for seed, folder in zip(missing, folders):
+            if not folder.is_dir():
+                raise StemdlError(f"{folder}: the final weights of {method} (seed {seed}) are gone, so they cannot be "
+                                  f"scored on {overrides['harness.data']}; remove {folder.parent} to train it again")
         for seed, details in zip(missing, evaluate_saved(cfg, folders, ensemble=False)):
             metrics = {"data": overrides["harness.data"], "final": details, "history": []}
             files.write_atomic(saved[seed], json.dumps(metrics, indent=1) + "\n")

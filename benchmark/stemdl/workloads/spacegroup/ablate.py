@@ -82,6 +82,11 @@ def _method_dir(out: Path, method: str, seed: int) -> Path:
     return out / "runs" / method / f"seed_{seed}"
 
 
+def _model_dir(out: Path, method: str, seed: int) -> Path:
+    """Where a run kept with `keep_model` writes its final weights (the ensemble's and transfer's input)."""
+    return _method_dir(out, method, seed) / "model"
+
+
 def run_method(out: Path, base: str, method: str, overrides: dict, seed: int, extra: dict, keep_model: bool) -> dict:
     """One benchmark run, or the metrics of the one that already finished in OUT."""
     from stemdl.harness.config import load_config
@@ -94,7 +99,7 @@ def run_method(out: Path, base: str, method: str, overrides: dict, seed: int, ex
     if not done:
         values = {**overrides, **extra, "harness.log_dir": str(folder), "harness.seed": seed}
         if keep_model:  # the ensemble needs the members' final weights
-            values.update({"harness.checkpoint_dir": str(folder / "model"), "harness.checkpoint_every": 1,
+            values.update({"harness.checkpoint_dir": str(_model_dir(out, method, seed)), "harness.checkpoint_every": 1,
                            "harness.checkpoint_keep": 1})
         print(f"stemdl ablate: {method} (seed {seed})", file=sys.stderr, flush=True)
         status = execute(WORKLOAD, load_config(WORKLOAD, base, values), REGISTRY).exit_status
@@ -206,7 +211,7 @@ def ensemble_metrics(out: Path, base: str, seeds: list[int], extra: dict) -> dic
     from stemdl.workloads.spacegroup.workload import WORKLOAD
 
     cfg = load_config(WORKLOAD, base, {**extra, "harness.seed": seeds[0]})
-    folders = [_method_dir(out, "ce", seed) / "model" for seed in seeds]
+    folders = [_model_dir(out, "ce", seed) for seed in seeds]
     return {"final": evaluate_saved(cfg, folders, ensemble=True)[0], "history": []}
 
 
@@ -226,7 +231,7 @@ def transfer_metrics(out: Path, base: str, method: str, overrides: dict, seeds: 
         print(f"stemdl ablate: {method}: scoring seeds {missing} on {overrides['harness.data']}", file=sys.stderr,
               flush=True)
         cfg = load_config(WORKLOAD, base, {**overrides, **extra, "harness.seed": missing[0]})
-        folders = [_method_dir(out, method, seed) / "model" for seed in missing]
+        folders = [_model_dir(out, method, seed) for seed in missing]
         for seed, folder in zip(missing, folders):
             if not folder.is_dir():
                 raise StemdlError(f"{folder}: the final weights of {method} (seed {seed}) are gone, so they cannot be "
@@ -356,10 +361,9 @@ def run(args: argparse.Namespace) -> int:
     from stemdl.harness.config import load_config
     from stemdl.workloads.spacegroup.workload import WORKLOAD
 
-    methods, seeds = _plan(args)
-    transfers = {name: o["@transfer"] for name, o in methods.items() if "@transfer" in o}
-    methods = {name: data_for(args, {k: v for k, v in o.items() if k != "@transfer"}) for name, o in methods.items()}
-    transfers = {name: data_for(args, {"@data": where}) for name, where in transfers.items()}
+    planned, seeds = _plan(args)
+    methods = {name: data_for(args, {k: v for k, v in o.items() if k != "@transfer"}) for name, o in planned.items()}
+    transfers = {name: data_for(args, {"@data": o["@transfer"]}) for name, o in planned.items() if "@transfer" in o}
     extra = _extra(args)
     base = load_config(WORKLOAD, args.config, {**extra, **next(iter(methods.values()))})  # bad keys fail here
     out = Path(args.out)
